@@ -1,0 +1,153 @@
+"""The one configuration: `[tool.flwr.app.config]` in pyproject.toml, parsed once into frozen dataclasses.
+
+Keys are kebab-case (Flower's run-config style). CLI flags and `flwr run --run-config` override them;
+every value is checked here and a bad one is refused with a message naming its key.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+MODELS = ("mlp", "logreg")
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Time split: train window, label-delay window (unused), test window, in days."""
+
+    train_days: int
+    delay_days: int
+    test_days: int
+    test_fraction: float
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model and (local) training settings."""
+
+    model: str
+    hidden_sizes: tuple[int, ...]
+    lr: float
+    batch_size: int
+    central_epochs: int
+    local_epochs: int
+    weight_decay: float
+    pos_weight: float | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class FedFraudConfig:
+    """All settings of a run, resolved from pyproject defaults and overrides."""
+
+    split: SplitConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the resolved settings as kebab-case keys (what `config.json` records)."""
+        out: dict[str, Any] = {}
+        for section in (self.split, self.train):
+            for f in fields(section):
+                value = getattr(section, f.name)
+                out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def read_defaults(path: Path = PYPROJECT) -> dict[str, Any]:
+    """Read `[tool.flwr.app.config]` from the project's pyproject.toml."""
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{path}: not found; fedfraud reads its defaults from [tool.flwr.app.config] there "
+            "(install the project with `pip install -e .`)"
+        ) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    try:
+        return dict(doc["tool"]["flwr"]["app"]["config"])
+    except KeyError as exc:
+        raise ConfigError(f"{path}: has no [tool.flwr.app.config] table") from exc
+
+
+def _value(raw: Mapping[str, Any], key: str, kind: Callable[[Any], T], check: Callable[[T], bool],
+           expect: str) -> T:
+    if key not in raw:
+        raise ConfigError(f"config key '{key}' is missing")
+    value = raw[key]
+    try:
+        if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError
+        if kind is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false"):
+                raise ValueError
+            value = value.lower() == "true"
+        parsed = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}': {value!r} is not {expect}") from None
+    if isinstance(parsed, float) and math.isnan(parsed):
+        raise ConfigError(f"config key '{key}': NaN is not {expect}")
+    if not check(parsed):
+        raise ConfigError(f"config key '{key}': {value!r} is not {expect}")
+    return parsed
+
+
+def _sizes(value: Any) -> tuple[int, ...]:
+    items = value if isinstance(value, list | tuple) else [p for p in str(value).split(",") if p.strip()]
+    return tuple(int(p) for p in items)
+
+
+def _pos_weight(value: Any) -> float | None:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    return float(value)
+
+
+def parse_config(raw: Mapping[str, Any]) -> FedFraudConfig:
+    """Check every key of a flat kebab-case mapping and build the frozen configuration."""
+    known = {f.name.replace("_", "-") for cls in (SplitConfig, TrainConfig) for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"config key '{unknown[0]}' is unknown (known keys: {', '.join(sorted(known))})")
+    pos = lambda v: v > 0  # noqa: E731
+    nonneg = lambda v: v >= 0  # noqa: E731
+    split = SplitConfig(
+        train_days=_value(raw, "train-days", int, pos, "a positive integer"),
+        delay_days=_value(raw, "delay-days", int, nonneg, "a non-negative integer"),
+        test_days=_value(raw, "test-days", int, pos, "a positive integer"),
+        test_fraction=_value(raw, "test-fraction", float, lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    )
+    train = TrainConfig(
+        model=_value(raw, "model", str, lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
+        hidden_sizes=_value(raw, "hidden-sizes", _sizes, lambda v: all(h > 0 for h in v),
+                            "a comma-separated list of positive layer sizes"),
+        lr=_value(raw, "lr", float, lambda v: 0 < v < 10, "a learning rate in (0, 10)"),
+        batch_size=_value(raw, "batch-size", int, pos, "a positive integer"),
+        central_epochs=_value(raw, "central-epochs", int, pos, "a positive integer"),
+        local_epochs=_value(raw, "local-epochs", int, pos, "a positive integer"),
+        weight_decay=_value(raw, "weight-decay", float, nonneg, "a non-negative number"),
+        pos_weight=_value(raw, "pos-weight", _pos_weight, lambda v: v is None or v > 0,
+                          "'auto' or a positive number"),
+        seed=_value(raw, "seed", int, nonneg, "a non-negative integer"),
+    )
+    return FedFraudConfig(split=split, train=train)
+
+
+def load_config(overrides: Mapping[str, Any] | None = None, *, path: Path = PYPROJECT) -> FedFraudConfig:
+    """Resolve the configuration: pyproject defaults, then overrides (CLI flags, run config); None skipped."""
+    raw = read_defaults(path)
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return parse_config(raw)
