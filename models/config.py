@@ -111,6 +111,8 @@ def _sizes(value: Any) -> tuple[int, ...]:
 
 
 def _pos_weight(value: Any) -> float | None:
+    if value is None:
+        return None
     if isinstance(value, str) and value.strip().lower() == "auto":
         return None
     return float(value)

@@ -1,0 +1,77 @@
+"""Baselines on the same split: central with pooled features, central with siloed features, each bank alone."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from models.config import TrainConfig
+from models.spec import FeatureStats
+from models.training import predict_scores, train_model
+from simulations.dataset import Prepared
+
+logger = logging.getLogger(__name__)
+
+Method = Callable[[Prepared, TrainConfig], np.ndarray]
+"""A method trains on the train window and returns a score for every test row (in `Prepared.rows` order)."""
+
+
+def standardize(x_train: np.ndarray, x_other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Standardize both matrices with the statistics of the training rows."""
+    stats = FeatureStats.of(x_train)
+    mean = stats.total / max(stats.count, 1.0)
+    var = np.maximum(stats.total_sq / max(stats.count, 1.0) - mean**2, 0.0)
+    std = np.where(np.sqrt(var) < 1e-6, 1.0, np.sqrt(var))
+    return ((x_train - mean) / std).astype(np.float32), ((x_other - mean) / std).astype(np.float32)
+
+
+def _central(x: np.ndarray, data: Prepared, config: TrainConfig) -> np.ndarray:
+    train, test = data.split.train, data.split.test
+    x_train, x_test = standardize(x[train], x[test])
+    y_train = data.rows["is_fraud"].to_numpy()[train].astype(np.float32)
+    model = train_model(x_train, y_train, kind=config.model, hidden_sizes=config.hidden_sizes,
+                        epochs=config.central_epochs, batch_size=config.batch_size, lr=config.lr,
+                        weight_decay=config.weight_decay, pos_weight=config.pos_weight, seed=config.seed)
+    return predict_scores(model, x_test)
+
+
+def central_pooled(data: Prepared, config: TrainConfig) -> np.ndarray:
+    """One model on all banks' rows, features computed over the pooled data lake."""
+    return _central(data.pooled, data, config)
+
+
+def central_siloed(data: Prepared, config: TrainConfig) -> np.ndarray:
+    """One model on all banks' rows, features computed by each bank from its own rows."""
+    return _central(data.siloed, data, config)
+
+
+def local(data: Prepared, config: TrainConfig) -> np.ndarray:
+    """Each bank alone: its own features, scaler and model; its test rows scored by its own model."""
+    scores = np.full(int(data.split.test.sum()), np.nan)
+    test_banks = data.rows["bank_id"].to_numpy()[data.split.test]
+    y = data.rows["is_fraud"].to_numpy().astype(np.float32)
+    for bank in data.banks:
+        mask = data.bank_mask(bank)
+        train, test = mask & data.split.train, mask & data.split.test
+        if not test.any():
+            continue
+        if not train.any():
+            logger.warning("bank %s has no training rows: its test rows score 0", bank)
+            scores[test_banks == bank] = 0.0
+            continue
+        x_train, x_test = standardize(data.siloed[train], data.siloed[test])
+        model = train_model(x_train, y[train], kind=config.model, hidden_sizes=config.hidden_sizes,
+                            epochs=config.central_epochs, batch_size=config.batch_size, lr=config.lr,
+                            weight_decay=config.weight_decay, pos_weight=config.pos_weight,
+                            seed=config.seed + bank)
+        scores[test_banks == bank] = predict_scores(model, x_test)
+    return scores
+
+
+BASELINES: dict[str, Method] = {
+    "central_pooled": central_pooled,
+    "central_siloed": central_siloed,
+    "local": local,
+}
