@@ -46,7 +46,7 @@ _PARQUET_SUFFIXES: tuple[str, ...] = (".parquet", ".pq")
 
 
 def _columns_text(frame: pd.DataFrame, limit: int = 30) -> str:
-    """The file's column names for an error message (repr, so stray spaces show)."""
+    """List the file's column names for an error message (repr, so stray spaces show)."""
     names = [repr(str(c)) for c in frame.columns]
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
@@ -61,7 +61,7 @@ def parse_columns(spec: str | None) -> dict[str, str]:
             continue
         canon, eq, source = (p.strip() for p in part.partition("="))
         if not (eq and canon and source):
-            message = f"--columns: malformed part {part!r}; expected canonical=SOURCE, e.g. timestamp=TX_DATETIME"
+            message = f"--columns: malformed part {part!r}; expected canonical=SOURCE (timestamp=TX_DATETIME)"
             raise DataError(message, path="--columns", column=canon or None)
         if canon not in _KNOWN:
             message = f"--columns: unknown column {canon!r} in {part!r}; known columns: {', '.join(_KNOWN)}"
@@ -145,15 +145,114 @@ def load_transactions(
     mapping = dict(columns or {})
     frame = _apply_mapping(read_table(file), mapping, file)
     _require(frame, [c for c in CANONICAL if c != "is_fraud" or require_label], file)
-    shown = {c: f"{c}' (from '{mapping[c]}" if c in mapping else c for c in _KNOWN}
-    out = frame.copy()
+    shown = {c: mapping.get(c, c) for c in _KNOWN}  # errors name the column as the file spells it
     for name in (*_ID_COLUMNS, "bank_id"):
-        if name in out.columns:
-            check_ids(out[name], path=file, column=shown[name], unique=name == "transaction_id")
-    out["timestamp"] = parse_timestamps(out["timestamp"], path=file, column=shown["timestamp"])
-    out["amount"] = check_amount(out["amount"], path=file, column=shown["amount"])
-    if "is_fraud" in out.columns:
-        out["is_fraud"] = check_labels(out["is_fraud"], path=file, column=shown["is_fraud"])
-    first = [c for c in _KNOWN if c in out.columns]
-    out = out[first + [c for c in out.columns if c not in first]]
+        if name in frame.columns:
+            check_ids(frame[name], path=file, column=shown[name], unique=name == "transaction_id")
+    frame["timestamp"] = parse_timestamps(frame["timestamp"], path=file, column=shown["timestamp"])
+    frame["amount"] = check_amount(frame["amount"], path=file, column=shown["amount"])
+    if "is_fraud" in frame.columns:
+        frame["is_fraud"] = check_labels(frame["is_fraud"], path=file, column=shown["is_fraud"])
+    first = [c for c in _KNOWN if c in frame.columns]
+    out = frame[first + [c for c in frame.columns if c not in first]]
     return out.sort_values("timestamp", kind="stable").reset_index(drop=True)
+
+
+_RESERVED: tuple[str, ...] = ("transaction_id", "timestamp", "is_fraud", "bank_id")
+_TABLE_KEYS: tuple[str, ...] = ("transaction_id", "timestamp", "bank_id")
+
+
+def _resolve_features(
+    frame: pd.DataFrame, features: Sequence[str] | str, skip: set[str], path: Path
+) -> list[str]:
+    """Feature names: an explicit list (or comma-separated string), or "auto" for every numeric column."""
+    if isinstance(features, str) and features.strip().lower() == "auto":
+        names = [
+            str(c)
+            for c in frame.columns
+            if c not in skip and c not in _RESERVED and ptypes.is_numeric_dtype(frame[c].dtype)
+        ]
+        if not names:
+            message = f"{path}: no numeric feature columns found; the file has {_columns_text(frame)}"
+            raise DataError(message, path=path)
+        return names
+    names = [f.strip() for f in features.split(",")] if isinstance(features, str) else list(features)
+    names = [n for n in names if n]
+    if not names:
+        raise DataError(f"{path}: no feature columns given", path=path)
+    _require_named(frame, names, path)
+    clash = [n for n in names if n in skip or n in _RESERVED]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if clash or repeated:
+        bad = (clash or repeated)[0]
+        why = "is also the label, time or an id column" if clash else "is listed twice"
+        raise DataError(f"{path}: feature column {bad!r} {why}", path=path, column=bad)
+    return names
+
+
+def _require_named(frame: pd.DataFrame, names: Sequence[str], path: Path) -> None:
+    """Raise DataError for the first named column the file lacks, listing the columns it has."""
+    for name in names:
+        if name not in frame.columns:
+            message = f"{path}: no column {name!r}; the file has columns {_columns_text(frame)}"
+            raise DataError(message, path=path, column=name)
+
+
+def _table_time(frame: pd.DataFrame, time: str | None, path: Path) -> pd.Series:
+    """Return the ordering column: numeric time as float64, datetimes parsed, else the row number."""
+    if time is None:
+        return pd.Series(np.arange(len(frame), dtype="float64"), index=frame.index)
+    values = frame[time]
+    if ptypes.is_numeric_dtype(values.dtype) and not ptypes.is_bool_dtype(values.dtype):
+        return pd.Series(check_numbers(values, path=path, column=time), index=frame.index, dtype="float64")
+    return parse_timestamps(values, path=path, column=time)
+
+
+def load_feature_table(
+    path: str | Path,
+    *,
+    features: Sequence[str] | str,
+    label: str | None,
+    time: str | None = None,
+    columns: Mapping[str, str] | None = None,
+) -> tuple[pd.DataFrame, list[str]]:
+    """Read a feature table (numeric features, no feature engineering) and its feature names."""
+    file = Path(path)
+    frame = read_table(file)
+    mapping = dict(columns or {})
+    extra = sorted(set(mapping) - set(_TABLE_KEYS))
+    if extra:
+        message = f"{file}: feature tables map only {', '.join(_TABLE_KEYS)} via --columns, not {extra[0]!r}"
+        raise DataError(message, path=file, column=extra[0])
+    _check_mapping(frame, mapping, file)
+    time = time or mapping.get("timestamp")
+    tx_source = mapping.get("transaction_id")
+    bank_source = mapping.get("bank_id", "bank_id" if "bank_id" in frame.columns else None)
+    _require_named(frame, [n for n in (label, time) if n is not None], file)
+    skip = {n for n in (label, time, tx_source, bank_source) if n is not None}
+    names = _resolve_features(frame, features, skip, file)
+    out = pd.DataFrame(index=frame.index)
+    if tx_source is None:
+        out["transaction_id"] = np.arange(len(frame), dtype="int64")
+    else:
+        out["transaction_id"] = check_ids(frame[tx_source], path=file, column=tx_source, unique=True)
+    out["timestamp"] = _table_time(frame, time, file)
+    if label is not None:
+        out["is_fraud"] = check_labels(frame[label], path=file, column=label)
+    if bank_source is not None:
+        out["bank_id"] = check_ids(frame[bank_source], path=file, column=bank_source, unique=False)
+    out = pd.concat([out, check_features(frame, names, path=file)], axis=1)
+    return out.sort_values("timestamp", kind="stable").reset_index(drop=True), names
+
+
+def warn_no_training_frauds(labels: pd.Series, *, source: str) -> bool:
+    """Log a warning (not an error) if a bank's training window holds no fraud; return True if it warned."""
+    if len(labels) and int(labels.sum()) > 0:
+        return False
+    logger.warning(
+        "%s: the training window holds no fraud (%d transactions, 0 labelled 1); "
+        "the local model learns only from genuine transactions this round",
+        source,
+        len(labels),
+    )
+    return True

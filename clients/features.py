@@ -22,6 +22,7 @@ import logging
 import time
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 logger = logging.getLogger(__name__)
@@ -98,8 +99,8 @@ class _TimeAxis:
 class _WindowIndex:
     """Rows of one key column sorted by (key, time, position), answering window bounds and sums."""
 
-    def __init__(self, keys: np.ndarray, axis: _TimeAxis) -> None:
-        codes, uniques = pd.factorize(np.asarray(keys), use_na_sentinel=False)
+    def __init__(self, keys: np.ndarray | pd.Series | pd.Index, axis: _TimeAxis) -> None:
+        codes, uniques = pd.factorize(keys, use_na_sentinel=False)
         self.axis = axis
         self.span = len(axis.unique) + 1
         if len(uniques) * self.span >= _INT64_SAFE:
@@ -109,11 +110,14 @@ class _WindowIndex:
         self.combined = combined[self.order]
         self.code_base = self.combined - axis.rank[self.order]
         self.rank_sorted = axis.rank[self.order]
+        self._cache: dict[int, np.ndarray] = {}
 
     def _first_row_after(self, offset_ns: int) -> np.ndarray:
         """Sorted position of the first row of the same key with time > t - offset, for each sorted row."""
-        threshold = self.axis.first_rank_after(offset_ns)[self.rank_sorted]
-        return np.searchsorted(self.combined, self.code_base + threshold, side="left")
+        if offset_ns not in self._cache:
+            threshold = self.axis.first_rank_after(offset_ns)[self.rank_sorted]
+            self._cache[offset_ns] = np.searchsorted(self.combined, self.code_base + threshold, side="left")
+        return self._cache[offset_ns]
 
     def bounds(
         self, window_ns: int, lag_ns: int = 0, *, include_self: bool = True
@@ -128,9 +132,9 @@ class _WindowIndex:
             end = np.arange(self.axis.n, dtype=np.int64) + int(include_self)
         return start, np.maximum(end, start)
 
-    def scatter(self, sorted_values: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    def scatter(self, sorted_values: np.ndarray, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
         """Return values given in sorted order back in input-row order."""
-        out = np.empty(len(sorted_values), dtype=dtype)
+        out: np.ndarray = np.empty(len(sorted_values), dtype=dtype)
         out[self.order] = sorted_values
         return out
 
@@ -165,7 +169,10 @@ def window_stats(
         raise ValueError("keys, times and values must have the same length")
     if not np.isfinite(vals).all():
         raise ValueError("values must be finite")
-    index = _WindowIndex(np.asarray(keys), _TimeAxis(times_ns))
+    # Rows are ordered by (key, time, input position): with lag_ns == 0 a row counts the rows of its key
+    # with an equal timestamp only up to itself in input order; with lag_ns > 0 all rows at t - lag count.
+    key_values = keys if isinstance(keys, pd.Series | pd.Index) else np.asarray(keys)
+    index = _WindowIndex(key_values, _TimeAxis(times_ns))
     start, end = index.bounds(int(window_ns), int(lag_ns))
     sums = _window_sums(_exact_prefix_sums(vals[index.order]), start, end)
     return index.scatter(end - start, np.int64), index.scatter(sums, np.float64)
@@ -204,8 +211,10 @@ def _card_features(index: _WindowIndex, amount: np.ndarray) -> dict[str, np.ndar
     return out
 
 
-def _merchant_features(index: _WindowIndex, fraud: np.ndarray | None, delay_days: int) -> dict[str, np.ndarray]:
-    """Per-merchant log count over each window and fraud rate over the same window delayed by the label delay."""
+def _merchant_features(
+    index: _WindowIndex, fraud: np.ndarray | None, delay_days: int
+) -> dict[str, np.ndarray]:
+    """Per-merchant log count over each window and fraud rate over that window delayed by the label delay."""
     prefix = _exact_prefix_sums(fraud[index.order]) if fraud is not None else None
     out: dict[str, np.ndarray] = {}
     for w in WINDOWS_DAYS:
@@ -244,13 +253,17 @@ def compute_local_features(
     fraud = frame["is_fraud"].to_numpy(dtype=np.float64) if "is_fraud" in frame.columns else None
     axis = _TimeAxis(times_ns)
     features = _time_features(times_ns, amount)
-    features.update(_card_features(_WindowIndex(frame[card_key].to_numpy(), axis), amount))
-    features.update(_merchant_features(_WindowIndex(frame[merchant_key].to_numpy(), axis), fraud, delay_days))
+    features.update(_card_features(_WindowIndex(frame[card_key], axis), amount))
+    features.update(_merchant_features(_WindowIndex(frame[merchant_key], axis), fraud, delay_days))
     matrix = np.empty((len(LOCAL_FEATURES), len(frame)), dtype=np.float32)
     for row, name in enumerate(LOCAL_FEATURES):
         matrix[row] = features[name]
     # The transpose is a column-major view: pandas keeps it as one float32 block without copying.
     result = pd.DataFrame(matrix.T, columns=list(LOCAL_FEATURES), index=frame.index, copy=False)
-    logger.debug("computed %d local features for %d rows in %.2fs", len(LOCAL_FEATURES), len(frame),
-                 time.perf_counter() - started)
+    logger.debug(
+        "computed %d local features for %d rows in %.2fs",
+        len(LOCAL_FEATURES),
+        len(frame),
+        time.perf_counter() - started,
+    )
     return result

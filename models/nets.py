@@ -79,14 +79,14 @@ def _seeded_init(model: nn.Module, seed: int) -> None:
 def build_model(kind: str, n_features: int, *, hidden_sizes: Sequence[int] = (64, 64),
                 seed: int | None = None) -> nn.Module:
     """Build the named model ('mlp' or 'logreg') with deterministic init when seed is given."""
-    if kind == "mlp":
-        model: nn.Module = MLP(n_features, hidden_sizes)
-    elif kind == "logreg":
-        model = LogisticRegression(n_features)
-    else:
+    if kind not in MODEL_KINDS:
         raise ValueError(f"kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
-    if seed is not None:
-        _seeded_init(model, seed)
+    if seed is None:
+        return MLP(n_features, hidden_sizes) if kind == "mlp" else LogisticRegression(n_features)
+    # Seeded: the default init's draws from the global RNG are undone, then a private generator re-inits.
+    with torch.random.fork_rng(devices=[]):
+        model = MLP(n_features, hidden_sizes) if kind == "mlp" else LogisticRegression(n_features)
+    _seeded_init(model, seed)
     return model
 
 

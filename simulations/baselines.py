@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from models.config import TrainConfig
-from models.spec import FeatureStats
+from models.spec import FeatureSpec, FeatureStats
 from models.training import predict_scores, train_model
 from simulations.dataset import Prepared
 
@@ -19,12 +19,10 @@ Method = Callable[[Prepared, TrainConfig], np.ndarray]
 
 
 def standardize(x_train: np.ndarray, x_other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Standardize both matrices with the statistics of the training rows."""
-    stats = FeatureStats.of(x_train)
-    mean = stats.total / max(stats.count, 1.0)
-    var = np.maximum(stats.total_sq / max(stats.count, 1.0) - mean**2, 0.0)
-    std = np.where(np.sqrt(var) < 1e-6, 1.0, np.sqrt(var))
-    return ((x_train - mean) / std).astype(np.float32), ((x_other - mean) / std).astype(np.float32)
+    """Standardize both matrices with the statistics of the training rows (as the feature spec does)."""
+    names = [f"f{i}" for i in range(x_train.shape[1])]
+    spec = FeatureSpec.from_stats(names, FeatureStats.of(x_train), version="baseline", delay_days=0)
+    return spec.transform(x_train), spec.transform(x_other)
 
 
 def _central(x: np.ndarray, data: Prepared, config: TrainConfig) -> np.ndarray:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -127,6 +129,7 @@ def main() -> None:
     """Entry point: run the CLI with clear one-line errors for bad input or configuration."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False)])
+    torch.set_num_threads(int(os.environ.get("FEDFRAUD_TORCH_THREADS", "1")))  # small models: 1 is fastest
     for noisy in ("flwr", "ray", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -17,7 +17,7 @@ from simulations.partition import partition_banks
 from simulations.split import Split, time_split
 
 logger = logging.getLogger(__name__)
-SUFFIXES = (".csv", ".parquet", ".pq", ".gz")
+SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 ROW_COLUMNS = ["transaction_id", "bank_id", "card_id", "timestamp", "is_fraud"]
 
 
@@ -90,13 +90,13 @@ def _load_one(path: Path, source: DataSource) -> tuple[pd.DataFrame, list[str]]:
 def load_source(source: DataSource) -> tuple[pd.DataFrame, list[str]]:
     """Read the data into one frame with a `bank_id` for every row, and the feature names."""
     if source.path.is_dir():
-        frames, names = [], []
+        frames, names, offset = [], [], 0
         for index, (bank, path) in enumerate(bank_files(source.path)):
             frame, names = _load_one(path, source)
-            if bank is None:
-                has_own = "bank_id" in frame.columns and frame["bank_id"].nunique() == 1
-                bank = int(frame["bank_id"].iloc[0]) if has_own else index
-            frame["bank_id"] = bank
+            frame["bank_id"] = index if bank is None else bank
+            if source.feature_table and "transaction_id" not in source.columns:
+                frame["transaction_id"] += offset  # row numbers: make them unique across files
+                offset += len(frame)
             frames.append(frame)
         frame = pd.concat(frames, ignore_index=True)
         _check_unique_ids(frame, source.path)
