@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 MODELS = ("mlp", "logreg")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
 T = TypeVar("T")
 
@@ -49,18 +50,57 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class FederationConfig:
+    """Federated rounds, strategy and SecAgg+ settings (0 = chosen from the number of banks)."""
+
+    rounds: int
+    fraction_fit: float
+    min_fit_banks: int
+    strategy: str
+    proximal_mu: float
+    server_lr: float
+    secagg: bool
+    secagg_num_shares: int
+    secagg_reconstruction_threshold: int
+    secagg_quantization_range: int
+    secagg_modulus_range: int
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Record-level DP-SGD at each bank (budget per bank) and optional client-level DP at the server."""
+
+    dp: bool
+    dp_epsilon: float
+    dp_delta: float
+    dp_max_grad_norm: float
+    dp_bank_epsilon: dict[int, float]
+    central_dp: bool
+    central_dp_noise: float
+    central_dp_clip: float
+
+    def epsilon_for(self, bank: int) -> float:
+        """The privacy budget of one bank (its override, else the consortium default)."""
+        return self.dp_bank_epsilon.get(bank, self.dp_epsilon)
+
+
+@dataclass(frozen=True)
 class FedFraudConfig:
     """All settings of a run, resolved from pyproject defaults and overrides."""
 
     split: SplitConfig
     train: TrainConfig
+    federation: FederationConfig
+    privacy: PrivacyConfig
 
     def to_dict(self) -> dict[str, Any]:
         """Return the resolved settings as kebab-case keys (what `config.json` records)."""
         out: dict[str, Any] = {}
-        for section in (self.split, self.train):
+        for section in (self.split, self.train, self.federation, self.privacy):
             for f in fields(section):
                 value = getattr(section, f.name)
+                if isinstance(value, dict):
+                    value = ",".join(f"{k}:{v}" for k, v in value.items())
                 out[f.name.replace("_", "-")] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -118,9 +158,20 @@ def _pos_weight(value: Any) -> float | None:
     return float(value)
 
 
+def _bank_epsilons(value: Any) -> dict[int, float]:
+    out = {}
+    for part in (p.strip() for p in str(value).split(",") if p.strip()):
+        bank, _, eps = part.partition(":")
+        out[int(bank)] = float(eps)
+    return out
+
+
+SECTIONS = (SplitConfig, TrainConfig, FederationConfig, PrivacyConfig)
+
+
 def parse_config(raw: Mapping[str, Any]) -> FedFraudConfig:
     """Check every key of a flat kebab-case mapping and build the frozen configuration."""
-    known = {f.name.replace("_", "-") for cls in (SplitConfig, TrainConfig) for f in fields(cls)}
+    known = {f.name.replace("_", "-") for cls in SECTIONS for f in fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"config key '{unknown[0]}' is unknown (known keys: {', '.join(sorted(known))})")
@@ -145,7 +196,43 @@ def parse_config(raw: Mapping[str, Any]) -> FedFraudConfig:
                           "'auto' or a positive number"),
         seed=_value(raw, "seed", int, nonneg, "a non-negative integer"),
     )
-    return FedFraudConfig(split=split, train=train)
+    return FedFraudConfig(split=split, train=train, federation=_federation(raw), privacy=_privacy(raw))
+
+
+def _federation(raw: Mapping[str, Any]) -> FederationConfig:
+    pos = lambda v: v > 0  # noqa: E731
+    nonneg = lambda v: v >= 0  # noqa: E731
+    return FederationConfig(
+        rounds=_value(raw, "rounds", int, pos, "a positive integer"),
+        fraction_fit=_value(raw, "fraction-fit", float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+        min_fit_banks=_value(raw, "min-fit-banks", int, pos, "a positive integer"),
+        strategy=_value(raw, "strategy", str, lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+        proximal_mu=_value(raw, "proximal-mu", float, nonneg, "a non-negative number"),
+        server_lr=_value(raw, "server-lr", float, pos, "a positive number"),
+        secagg=_value(raw, "secagg", bool, lambda v: True, "true or false"),
+        secagg_num_shares=_value(raw, "secagg-num-shares", int, nonneg, "0 (auto) or a share count > 2"),
+        secagg_reconstruction_threshold=_value(raw, "secagg-reconstruction-threshold", int, nonneg,
+                                               "0 (auto) or a positive integer"),
+        secagg_quantization_range=_value(raw, "secagg-quantization-range", int, lambda v: v >= 2**8,
+                                         "an integer >= 256"),
+        secagg_modulus_range=_value(raw, "secagg-modulus-range", int, lambda v: v >= 2**16 and v & (v - 1) == 0,
+                                    "a power of two >= 65536"),
+    )
+
+
+def _privacy(raw: Mapping[str, Any]) -> PrivacyConfig:
+    pos = lambda v: v > 0  # noqa: E731
+    return PrivacyConfig(
+        dp=_value(raw, "dp", bool, lambda v: True, "true or false"),
+        dp_epsilon=_value(raw, "dp-epsilon", float, pos, "a positive epsilon"),
+        dp_delta=_value(raw, "dp-delta", float, lambda v: 0 < v < 1, "a delta in (0, 1)"),
+        dp_max_grad_norm=_value(raw, "dp-max-grad-norm", float, pos, "a positive clipping norm"),
+        dp_bank_epsilon=_value(raw, "dp-bank-epsilon", _bank_epsilons, lambda v: all(e > 0 for e in v.values()),
+                               "a list BANK:EPSILON,... of positive budgets"),
+        central_dp=_value(raw, "central-dp", bool, lambda v: True, "true or false"),
+        central_dp_noise=_value(raw, "central-dp-noise", float, lambda v: v >= 0, "a non-negative multiplier"),
+        central_dp_clip=_value(raw, "central-dp-clip", float, pos, "a positive clipping norm"),
+    )
 
 
 def load_config(overrides: Mapping[str, Any] | None = None, *, path: Path = PYPROJECT) -> FedFraudConfig:
