@@ -25,20 +25,11 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from models.feature_names import FEATURE_VERSION, LOCAL_FEATURES, WINDOWS_DAYS
+
+__all__ = ["FEATURE_VERSION", "LOCAL_FEATURES", "WINDOWS_DAYS", "compute_local_features", "window_stats"]
 logger = logging.getLogger(__name__)
 
-FEATURE_VERSION = "local-v1"
-WINDOWS_DAYS: tuple[int, ...] = (1, 7, 30)
-
-_TIME_FEATURES: tuple[str, ...] = ("log_amount", "hour_sin", "hour_cos", "is_weekend", "is_night")
-_CARD_STATS: tuple[str, ...] = ("card_count", "card_mean_amount", "card_amount_ratio")
-_MERCHANT_STATS: tuple[str, ...] = ("merchant_count", "merchant_fraud_rate")
-
-LOCAL_FEATURES: tuple[str, ...] = (
-    *_TIME_FEATURES,
-    *(f"{stat}_{w}d" for stat in _CARD_STATS for w in WINDOWS_DAYS),
-    *(f"{stat}_{w}d" for stat in _MERCHANT_STATS for w in WINDOWS_DAYS),
-)
 
 NS_PER_SECOND = 1_000_000_000
 NS_PER_HOUR = 3600 * NS_PER_SECOND

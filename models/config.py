@@ -10,6 +10,7 @@ import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ class SplitConfig:
     delay_days: int
     test_days: int
     test_fraction: float
+    test_start: str
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,16 @@ def _pos_weight(value: Any) -> float | None:
     return float(value)
 
 
+def _is_date_or_empty(value: str) -> bool:
+    if not value:
+        return True
+    try:
+        date.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _bank_epsilons(value: Any) -> dict[int, float]:
     out = {}
     for part in (p.strip() for p in str(value).split(",") if p.strip()):
@@ -182,6 +194,7 @@ def parse_config(raw: Mapping[str, Any]) -> FedFraudConfig:
         delay_days=_value(raw, "delay-days", int, nonneg, "a non-negative integer"),
         test_days=_value(raw, "test-days", int, pos, "a positive integer"),
         test_fraction=_value(raw, "test-fraction", float, lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+        test_start=_value(raw, "test-start", str, _is_date_or_empty, "empty or a date YYYY-MM-DD"),
     )
     train = TrainConfig(
         model=_value(raw, "model", str, lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from models.config import TrainConfig
+from models.config import FedFraudConfig, TrainConfig
 from models.spec import FeatureSpec, FeatureStats
 from models.training import predict_scores, train_model
 from simulations.dataset import Prepared
 
 logger = logging.getLogger(__name__)
 
-Method = Callable[[Prepared, TrainConfig], np.ndarray]
-"""A method trains on the train window and returns a score for every test row (in `Prepared.rows` order)."""
+@dataclass(frozen=True)
+class MethodResult:
+    """A method's score for every test row, plus per-round details for metrics.json."""
+
+    scores: np.ndarray
+    details: dict[str, Any] = field(default_factory=dict)
+    weights: list[np.ndarray] | None = None
+
+
+Method = Callable[[Prepared, FedFraudConfig], "np.ndarray | MethodResult"]
+"""A method trains on the train window and scores every test row (in `Prepared.rows` order)."""
 
 
 def standardize(x_train: np.ndarray, x_other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -35,18 +46,19 @@ def _central(x: np.ndarray, data: Prepared, config: TrainConfig) -> np.ndarray:
     return predict_scores(model, x_test)
 
 
-def central_pooled(data: Prepared, config: TrainConfig) -> np.ndarray:
+def central_pooled(data: Prepared, config: FedFraudConfig) -> np.ndarray:
     """One model on all banks' rows, features computed over the pooled data lake."""
-    return _central(data.pooled, data, config)
+    return _central(data.pooled, data, config.train)
 
 
-def central_siloed(data: Prepared, config: TrainConfig) -> np.ndarray:
+def central_siloed(data: Prepared, config: FedFraudConfig) -> np.ndarray:
     """One model on all banks' rows, features computed by each bank from its own rows."""
-    return _central(data.siloed, data, config)
+    return _central(data.siloed, data, config.train)
 
 
-def local(data: Prepared, config: TrainConfig) -> np.ndarray:
+def local(data: Prepared, fed_config: FedFraudConfig) -> np.ndarray:
     """Each bank alone: its own features, scaler and model; its test rows scored by its own model."""
+    config = fed_config.train
     scores = np.full(int(data.split.test.sum()), np.nan)
     test_banks = data.rows["bank_id"].to_numpy()[data.split.test]
     y = data.rows["is_fraud"].to_numpy().astype(np.float32)

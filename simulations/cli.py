@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,7 +19,9 @@ from rich.table import Table
 
 from clients.data import DataError, parse_columns
 from models.config import ConfigError, load_config
+from simulations.baselines import BASELINES, Method
 from simulations.dataset import DataSource
+from simulations.federated import EngineOptions, run_federated
 from simulations.generate import GeneratorConfig, generate_consortium, write_consortium
 from simulations.harness import simulate as run_simulate
 from simulations.report import COLUMNS, LABELS, comparison_rows, render_results_dir
@@ -49,6 +53,19 @@ def generate(
                   f"{banks} banks -> {manifest}")
 
 
+ENGINES = ("flower", "none")
+
+
+def _methods(engine: str, options: EngineOptions, progress: Callable[[str], None]) -> dict[str, Method]:
+    """The baselines plus federated training on the chosen engine."""
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    methods = dict(BASELINES)
+    if engine == "flower":
+        methods["federated"] = functools.partial(run_federated, engine=options, progress=progress)
+    return methods
+
+
 def _overrides(**values: Any) -> dict[str, Any]:
     return {key.replace("_", "-"): value for key, value in values.items()}
 
@@ -71,15 +88,34 @@ def simulate(
     test_fraction: Annotated[float | None, Opt(help="Test on the latest fraction of rows instead of days.")] = None,
     model: Annotated[str | None, Opt(help="mlp or logreg.")] = None,
     epochs: Annotated[int | None, Opt(help="Epochs of the central and local baselines.")] = None,
+    engine: Annotated[str, Opt(help="Federated engine: flower (Flower simulation on Ray) or none.")] = "flower",
+    rounds: Annotated[int | None, Opt(help="Federated rounds.")] = None,
+    local_epochs: Annotated[int | None, Opt(help="Local epochs per round at each bank.")] = None,
+    strategy: Annotated[str | None, Opt(help="fedavg, fedprox or fedadam.")] = None,
+    dp: Annotated[bool | None, Opt("--dp/--no-dp", help="Record-level DP-SGD at each bank.")] = None,
+    dp_epsilon: Annotated[float | None, Opt(help="Each bank's privacy budget epsilon.")] = None,
+    dp_delta: Annotated[float | None, Opt(help="DP delta.")] = None,
+    secagg: Annotated[bool | None, Opt("--secagg/--no-secagg", help="SecAgg+ masked aggregation.")] = None,
+    central_dp: Annotated[bool | None, Opt("--central-dp/--no-central-dp", help="Client-level DP.")] = None,
+    num_cpus: Annotated[float, Opt(help="CPUs per simulated bank (Ray).")] = 1.0,
+    num_gpus: Annotated[float, Opt(help="GPUs per simulated bank (Ray); >0 uses the GPU.")] = 0.0,
+    ray_address: Annotated[str | None, Opt(help="Attach to an existing Ray cluster (e.g. auto).")] = None,
+    checkpoint_dir: Annotated[Path | None, Opt(help="Checkpoint every round here; resume from it.")] = None,
     overwrite: Annotated[bool, Opt(help="Replace an existing results directory.")] = False,
 ) -> None:
-    """Run the experiment on research data: baselines (and federated runs) on one split; write results."""
+    """Run the experiment on research data: baselines and federated training on one split; write results."""
     config = load_config(_overrides(train_days=train_days, delay_days=delay_days, test_days=test_days,
-                                    test_fraction=test_fraction, model=model, central_epochs=epochs, seed=seed))
+                                    test_fraction=test_fraction, test_start=test_start, model=model,
+                                    central_epochs=epochs, seed=seed, rounds=rounds, local_epochs=local_epochs,
+                                    strategy=strategy, dp=dp, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
+                                    secagg=secagg, central_dp=central_dp))
     source = DataSource(path=data, columns=parse_columns(columns), features=features, label=label, time=time,
-                        partition=partition, banks=banks, seed=config.train.seed, test_start=test_start)
+                        partition=partition, banks=banks, seed=config.train.seed)
+    options = EngineOptions(num_cpus=num_cpus, num_gpus=num_gpus, ray_address=ray_address,
+                            checkpoint_dir=checkpoint_dir)
     with console.status("starting") as status:
-        metrics = run_simulate(source, config, out, overwrite=overwrite,
+        methods = _methods(engine, options, status.update)
+        metrics = run_simulate(source, config, out, overwrite=overwrite, methods=methods,
                                progress=lambda msg: status.update(msg))
     _print_table(metrics)
     console.print(f"results: {out}/report.md")
@@ -102,6 +138,7 @@ def demo(
         write_consortium(frame, Path(tmp) / "banks", config=gen)
         status.update(f"{len(frame):,} transactions in {banks} banks")
         metrics = run_simulate(DataSource(path=Path(tmp) / "banks"), config, out, overwrite=True,
+                               methods=_methods("flower", EngineOptions(), status.update),
                                progress=lambda msg: status.update(msg))
     _print_table(metrics)
     console.print(f"results: {out}/report.md")
@@ -130,7 +167,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False)])
     torch.set_num_threads(int(os.environ.get("FEDFRAUD_TORCH_THREADS", "1")))  # small models: 1 is fastest
-    for noisy in ("flwr", "ray", "matplotlib"):
+    for noisy in ("flwr", "ray", "matplotlib", "models", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app()

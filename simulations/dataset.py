@@ -14,7 +14,7 @@ from clients.data import DataError, load_feature_table, load_transactions, warn_
 from clients.features import FEATURE_VERSION, LOCAL_FEATURES, compute_local_features
 from models.config import ConfigError, SplitConfig
 from simulations.partition import partition_banks
-from simulations.split import Split, time_split
+from models.split import Split, time_split
 
 logger = logging.getLogger(__name__)
 SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
@@ -33,7 +33,6 @@ class DataSource:
     partition: str | None = None
     banks: int | None = None
     seed: int = 0
-    test_start: str | None = None
 
     @property
     def feature_table(self) -> bool:
@@ -46,6 +45,7 @@ class Prepared:
     """All rows with their bank, pooled and siloed feature matrices, and the split."""
 
     rows: pd.DataFrame
+    frame: pd.DataFrame
     feature_names: tuple[str, ...]
     pooled: np.ndarray
     siloed: np.ndarray
@@ -136,11 +136,11 @@ def _features(frame: pd.DataFrame, names: list[str], source: DataSource, delay_d
 def prepare(source: DataSource, split_config: SplitConfig) -> Prepared:
     """Load, partition, split and featurize: everything the baselines and federated runs share."""
     frame, names = load_source(source)
-    split = time_split(frame["timestamp"], split_config, test_start=source.test_start)
+    split = time_split(frame["timestamp"], split_config)
     pooled, siloed = _features(frame, names, source, split_config.delay_days)
     rows = frame.reindex(columns=ROW_COLUMNS)
     for bank, part in rows.loc[split.train].groupby("bank_id"):
         warn_no_training_frauds(part["is_fraud"], source=f"bank {bank} ({source.path})")
     version = "table-v1" if source.feature_table else FEATURE_VERSION
-    return Prepared(rows=rows, feature_names=tuple(names), pooled=pooled, siloed=siloed, split=split,
+    return Prepared(rows=rows, frame=frame, feature_names=tuple(names), pooled=pooled, siloed=siloed, split=split,
                     feature_version=version)

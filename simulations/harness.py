@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from models.config import FedFraudConfig
-from simulations.baselines import BASELINES, Method
+from simulations.baselines import BASELINES, Method, MethodResult
 from simulations.dataset import DataSource, Prepared, prepare
 from simulations.report import write_report
 from simulations.results import (
@@ -32,23 +32,27 @@ def _quiet(_: str) -> None:
 
 
 def run_methods(data: Prepared, config: FedFraudConfig, methods: Mapping[str, Method],
-                progress: Progress = _quiet) -> tuple[dict[str, pd.DataFrame], dict[str, float]]:
-    """Run each method on the prepared data; return its predictions and wall seconds."""
-    predictions, seconds = {}, {}
+                progress: Progress = _quiet) -> tuple[dict[str, pd.DataFrame], dict[str, float], dict[str, Any]]:
+    """Run each method on the prepared data; return its predictions, wall seconds and per-round details."""
+    predictions, seconds, details = {}, {}, {}
     for name, method in methods.items():
         progress(f"training {name}")
         start = time.perf_counter()
-        scores = method(data, config.train)
+        result = method(data, config)
         seconds[name] = round(time.perf_counter() - start, 2)
-        predictions[name] = predictions_frame(data, scores)
+        if isinstance(result, MethodResult):
+            details[name] = result.details
+            result = result.scores
+        predictions[name] = predictions_frame(data, result)
         logger.info("%s done in %.1f s", name, seconds[name])
-    return predictions, seconds
+    return predictions, seconds, details
 
 
 def collect_metrics(data: Prepared, source: DataSource, predictions: Mapping[str, pd.DataFrame],
-                    seconds: Mapping[str, float]) -> dict[str, Any]:
+                    seconds: Mapping[str, float], details: Mapping[str, Any]) -> dict[str, Any]:
     """metrics.json: split, banks, and global and per-bank metrics of every method."""
-    methods = {name: {**method_metrics(pred), "seconds": seconds.get(name)} for name, pred in predictions.items()}
+    methods = {name: {**method_metrics(pred), "seconds": seconds.get(name), **details.get(name, {})}
+               for name, pred in predictions.items()}
     return {
         "data": str(source.path),
         "feature_version": data.feature_version,
@@ -68,8 +72,8 @@ def simulate(source: DataSource, config: FedFraudConfig, out: Path, *, overwrite
         raise FileExistsError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
     progress("loading and featurizing data")
     data = prepare(source, config.split)
-    predictions, seconds = run_methods(data, config, methods or BASELINES, progress)
-    metrics = collect_metrics(data, source, predictions, seconds)
+    predictions, seconds, details = run_methods(data, config, methods or BASELINES, progress)
+    metrics = collect_metrics(data, source, predictions, seconds, details)
     progress("writing results")
     with atomic_directory(out, overwrite=overwrite) as tmp:
         resolved = {**config.to_dict(), "data": {k: str(v) for k, v in asdict(source).items()}}

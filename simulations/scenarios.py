@@ -24,8 +24,11 @@ HOUR_WEIGHTS = np.array([0.8, 0.5, 0.3, 0.25, 0.3, 0.6, 1.5, 3.0, 4.5, 5.5, 6.0,
                          7.5, 7.0, 6.5, 6.5, 7.0, 7.5, 7.5, 7.0, 6.0, 4.5, 3.0, 1.8])
 HOUR_P = HOUR_WEIGHTS / HOUR_WEIGHTS.sum()
 NIGHT_HOURS = 6
-BIG_CHAIN_QUANTILE = 0.95  # the busiest 5% of merchants are never compromised
+# Compromised merchants are small and mid-sized shops (skimmers, breached tills), not big chains or tiny
+# shops: their volume lies between these quantiles of merchant volume.
+COMPROMISE_VOLUME_QUANTILES = (0.2, 0.8)
 CARD_TESTING_CATEGORIES = (5, 6)  # online and digital goods (indices into generate.CATEGORIES)
+FRAUD_MERCHANT_POWER = 1.0  # weight of merchants for fraud rows: popularity ** power
 TYPICAL_AMOUNT = 40.0  # median everyday amount of a card with scale 1
 
 
@@ -71,6 +74,13 @@ def _event_count(rng: np.random.Generator, expected: float) -> int:
     return max(1, int(rng.poisson(expected)))
 
 
+def _fraud_merchants(rng: np.random.Generator, world: World, n: int, pool: np.ndarray | None = None) -> np.ndarray:
+    """Merchants for fraud rows: from `pool` (default all), flattened popularity so small shops are hit too."""
+    pool = np.arange(world.merchant_p.size) if pool is None or pool.size == 0 else pool
+    weight = world.merchant_p[pool] ** FRAUD_MERCHANT_POWER
+    return rng.choice(pool, size=n, p=weight / weight.sum())
+
+
 def _cents(amount: np.ndarray) -> np.ndarray:
     return np.maximum(np.round(amount, 2), 0.01)
 
@@ -89,16 +99,19 @@ def compromise_merchants(rng: np.random.Generator, batch: Batch, n_merchants: in
     cumulative = np.zeros((n_merchants, days + 1))
     cumulative[:, 1:] = counts.cumsum(axis=1)
     volume = cumulative[:, -1]
-    order = rng.permutation(np.flatnonzero(volume <= np.quantile(volume, BIG_CHAIN_QUANTILE)))
+    low, high = np.quantile(volume, COMPROMISE_VOLUME_QUANTILES)
+    order = rng.permutation(np.flatnonzero((volume >= low) & (volume <= high)))
     length = rng.integers(config.compromise_min_days, config.compromise_max_days + 1, size=order.size)
-    start = np.floor(rng.random(order.size) * days - length / 2).astype(np.int64)
+    start = rng.integers(-length, days)  # as many compromises active on every day of the period
     share = rng.uniform(config.compromise_min_share, config.compromise_max_share, size=order.size)
     lo, hi = np.clip(start, 0, days), np.clip(start + length, 0, days)
     expected = (cumulative[order, hi] - cumulative[order, lo]) * share
     target = config.merchant_fraud_rate * batch.card.size
     taken = 0 if target <= 0 else min(order.size, int(np.searchsorted(np.cumsum(expected), target)) + 1)
-    first, last, rate = np.zeros(n_merchants, np.int64), np.zeros(n_merchants, np.int64), np.zeros(n_merchants)
-    first[order[:taken]], last[order[:taken]], rate[order[:taken]] = lo[:taken], hi[:taken], share[:taken]
+    chosen = order[:taken]
+    first, last = np.zeros(n_merchants, np.int64), np.zeros(n_merchants, np.int64)
+    rate = np.zeros(n_merchants)
+    first[chosen], last[chosen], rate[chosen] = lo[:taken], hi[:taken], share[:taken]
     m = batch.merchant
     fraud = (day >= first[m]) & (day < last[m]) & (rng.random(m.size) < rate[m])
     batch.scenario[fraud] = COMPROMISED_MERCHANT
@@ -117,7 +130,7 @@ def compromised_cards(rng: np.random.Generator, world: World, config: GeneratorC
     n = event.size
     day = np.minimum(np.floor(begin[event] + rng.random(n) * length[event]), config.days - 1).astype(np.int64)
     second = day * DAY + time_of_day(rng, n, night_share=0.45)
-    merchant = rng.choice(world.merchant_p.size, size=n, p=world.merchant_p)
+    merchant = _fraud_merchants(rng, world, n)
     amount = TYPICAL_AMOUNT * world.card_scale[card[event]] * rng.lognormal(np.log(5.0), 0.6, size=n)
     return Batch(card[event], merchant, second, _cents(amount), np.full(n, COMPROMISED_CARD, np.int8))
 
@@ -130,7 +143,7 @@ def _segment_cumsum(values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 
 def card_testing(rng: np.random.Generator, world: World, config: GeneratorConfig) -> Batch:
-    """Bursts of many small amounts (0.50-5.00) from one stolen card at 1-3 online merchants, minutes apart."""
+    """Bursts of many small amounts (0.50-5.00) by one stolen card at 1-3 online merchants, minutes apart."""
     n_bursts = _event_count(rng, config.card_testing_rate * world.card_bank.size * config.days)
     card = rng.integers(0, world.card_bank.size, size=n_bursts)
     size = rng.integers(8, 41, size=n_bursts)
@@ -140,9 +153,7 @@ def card_testing(rng: np.random.Generator, world: World, config: GeneratorConfig
     start = rng.random(n_bursts) * config.days * DAY
     second = np.minimum(start[burst] + offsets, config.days * DAY - 1).astype(np.int64)
     online = np.flatnonzero(np.isin(world.merchant_category, CARD_TESTING_CATEGORIES))
-    pool = online if online.size else np.arange(world.merchant_p.size)
-    weight = world.merchant_p[pool] / world.merchant_p[pool].sum()
-    targets = rng.choice(pool, size=(n_bursts, 3), p=weight)
+    targets = _fraud_merchants(rng, world, n_bursts * 3, online).reshape(n_bursts, 3)
     slot = rng.integers(0, rng.integers(1, 4, size=n_bursts)[burst])
     amount = rng.uniform(0.5, 5.0, size=burst.size)
     return Batch(card[burst], targets[burst, slot], second, _cents(amount),
@@ -153,7 +164,7 @@ def high_amount(rng: np.random.Generator, world: World, config: GeneratorConfig,
     """Isolated single transactions with very large amounts (about 1,500-10,000) at ordinary hours."""
     n = _event_count(rng, config.high_amount_rate * n_rows)
     card = rng.integers(0, world.card_bank.size, size=n)
-    merchant = rng.choice(world.merchant_p.size, size=n, p=world.merchant_p)
+    merchant = _fraud_merchants(rng, world, n)
     day = rng.integers(0, config.days, size=n)
     second = day * DAY + time_of_day(rng, n)
     amount = np.exp(rng.uniform(np.log(1500.0), np.log(10_000.0), size=n))

@@ -4,7 +4,7 @@ import pytest
 
 from models.config import ConfigError, SplitConfig
 from simulations.partition import partition_banks
-from simulations.split import time_split
+from models.split import time_split
 
 
 def _times(days=40, per_day=10):
@@ -14,7 +14,7 @@ def _times(days=40, per_day=10):
 
 def test_day_split_windows_end_on_last_day():
     times = _times()
-    split = time_split(times, SplitConfig(train_days=7, delay_days=7, test_days=7, test_fraction=0.0))
+    split = time_split(times, SplitConfig(train_days=7, delay_days=7, test_days=7, test_fraction=0.0, test_start=""))
     days = (times - times.min()).dt.days.to_numpy()
     assert set(days[split.test]) == set(range(33, 40))
     assert set(days[split.train]) == set(range(19, 26))
@@ -24,7 +24,7 @@ def test_day_split_windows_end_on_last_day():
 
 def test_day_split_with_test_start():
     times = _times()
-    split = time_split(times, SplitConfig(5, 2, 3, 0.0), test_start="2024-01-20")
+    split = time_split(times, SplitConfig(5, 2, 3, 0.0, ""), test_start="2024-01-20")
     days = (times - times.min()).dt.days.to_numpy()
     assert set(days[split.test]) == {19, 20, 21}
     assert set(days[split.train]) == set(range(12, 17))
@@ -33,20 +33,20 @@ def test_day_split_with_test_start():
 def test_day_split_refuses_empty_windows():
     times = _times(days=10)
     with pytest.raises(ConfigError, match="'train-days'"):
-        time_split(times, SplitConfig(7, 7, 7, 0.0))
+        time_split(times, SplitConfig(7, 7, 7, 0.0, ""))
     with pytest.raises(ConfigError, match="test-start"):
-        time_split(times, SplitConfig(1, 1, 1, 0.0), test_start="not a date")
+        time_split(times, SplitConfig(1, 1, 1, 0.0, ""), test_start="not a date")
 
 
 def test_fraction_split_takes_latest_rows():
     times = pd.Series(np.arange(100, 0, -1).astype(float))
-    split = time_split(times, SplitConfig(7, 7, 7, 0.25))
+    split = time_split(times, SplitConfig(7, 7, 7, 0.25, ""))
     assert split.test.sum() == 25
     assert times[split.test].min() > times[split.train].max()
 
 
 def test_numeric_times_default_to_a_fraction():
-    split = time_split(pd.Series(np.arange(50.0)), SplitConfig(7, 7, 7, 0.0))
+    split = time_split(pd.Series(np.arange(50.0)), SplitConfig(7, 7, 7, 0.0, ""))
     assert split.test.sum() == 10
 
 

@@ -21,10 +21,13 @@ class Split:
     train: np.ndarray
     test: np.ndarray
     description: dict[str, str]
+    test_start: str = ""
+    """First test day (YYYY-MM-DD) of a day split, so that every bank cuts the same windows."""
 
 
 def time_split(times: pd.Series, config: SplitConfig, *, test_start: str | None = None) -> Split:
     """Split rows by time: day windows for datetimes, else (or with test-fraction) the latest fraction."""
+    test_start = test_start or config.test_start or None
     if config.test_fraction > 0 or not pd.api.types.is_datetime64_any_dtype(times):
         return _fraction_split(times, config.test_fraction or 0.2)
     return _day_split(times, config, test_start)
@@ -71,4 +74,4 @@ def _day_split(times: pd.Series, config: SplitConfig, test_start: str | None) ->
     if train_start < first_day + 30 * DAY:
         logger.warning("train window starts %s, less than 30 days after the data starts (%s): "
                        "30-day window features are truncated", train_start.date(), first_day.date())
-    return Split(train=train, test=test, description=desc)
+    return Split(train=train, test=test, description=desc, test_start=str(start.date()))

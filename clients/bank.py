@@ -1,0 +1,81 @@
+"""A bank's own data for federated rounds: its file, read, featurized and split, cached per process."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clients.data import load_feature_table, load_transactions, warn_no_training_frauds
+from clients.features import LOCAL_FEATURES, compute_local_features
+from models.config import SplitConfig
+from models.federation import STATS_CLIP
+from models.metrics import fraud_metrics
+from models.split import time_split
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BankData:
+    """One bank's train and test windows as raw (unstandardized) feature matrices."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    test_cards: np.ndarray | None
+    test_days: np.ndarray | None
+    feature_names: tuple[str, ...]
+
+    def stats_vector(self) -> np.ndarray:
+        """Per-feature means of x and x^2 over the train window (clipped), for the secure stats round."""
+        x = np.clip(self.x_train.astype(np.float64), -STATS_CLIP, STATS_CLIP)
+        if len(x) == 0:
+            return np.zeros(2 * x.shape[1])
+        return np.concatenate([x.mean(axis=0), (x**2).mean(axis=0)])
+
+    def test_metrics(self, scores: np.ndarray) -> dict[str, float]:
+        """Fraud metrics of scores on this bank's test window."""
+        return fraud_metrics(self.y_test, scores, card_ids=self.test_cards, days=self.test_days)
+
+
+def _frame(path: str, features: tuple[str, ...] | None, columns: tuple[tuple[str, str], ...]) -> tuple[
+        pd.DataFrame, list[str]]:
+    if features is not None:
+        return load_feature_table(path, features=list(features), label="is_fraud", time="timestamp",
+                                  columns=dict(columns))
+    return load_transactions(path, columns=dict(columns)), list(LOCAL_FEATURES)
+
+
+@functools.lru_cache(maxsize=64)
+def _load_cached(path: str, mtime: float, split: SplitConfig, features: tuple[str, ...] | None,
+                 columns: tuple[tuple[str, str], ...]) -> BankData:
+    frame, names = _frame(path, features, columns)
+    if features is None:
+        x = compute_local_features(frame, delay_days=split.delay_days)[names].to_numpy(np.float32)
+    else:
+        x = frame[names].to_numpy(np.float32)
+    windows = time_split(frame["timestamp"], split)
+    y = frame["is_fraud"].to_numpy().astype(np.float32)
+    warn_no_training_frauds(frame.loc[windows.train, "is_fraud"], source=path)
+    dated = pd.api.types.is_datetime64_any_dtype(frame["timestamp"]) and "card_id" in frame.columns
+    test = frame.loc[windows.test]
+    return BankData(
+        x_train=x[windows.train], y_train=y[windows.train], x_test=x[windows.test], y_test=y[windows.test],
+        test_cards=test["card_id"].to_numpy() if dated else None,
+        test_days=test["timestamp"].dt.floor("D").to_numpy() if dated else None,
+        feature_names=tuple(names),
+    )
+
+
+def load_bank(path: str | Path, *, split: SplitConfig, features: tuple[str, ...] | None = None,
+              columns: dict[str, str] | None = None) -> BankData:
+    """Read a bank's file, compute its local features and cut its windows (cached while the file is unchanged)."""
+    p = Path(path)
+    mtime = p.stat().st_mtime if p.exists() else 0.0
+    return _load_cached(str(p), mtime, split, features, tuple(sorted((columns or {}).items())))

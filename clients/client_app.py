@@ -1,0 +1,123 @@
+"""The bank's Flower ClientApp: statistics round, DP training round and evaluation over the bank's own file.
+
+Flower wiring only (legacy NumPyClient + mods, the one API with SecAgg+); the work is in `clients.local`.
+Simulation builds the app with `make_client_app(settings)`; deployment runs `app`, which reads the run config
+and the node config (`data-path`, `bank-id`, optional `columns`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context
+from flwr.client import Client, NumPyClient
+from flwr.client.mod import fixedclipping_mod
+from flwr.clientapp import ClientApp
+
+from clients.bank import BankData, load_bank
+from clients.data import parse_columns
+from clients.ledger import BankLedger
+from clients.local import evaluate_round, train_round
+from clients.mods import optional_secaggplus_mod, scrub_plaintext_mod, skip_for_stats
+from models.config import FedFraudConfig, parse_config
+from models.federation import BANK_STATE, KEY_PROXIMAL_MU, KEY_ROUND, KEY_SPEC, TASK, TASK_STATS
+from models.spec import FeatureSpec
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+logger = logging.getLogger(__name__)
+NDArrays = list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class BankSettings:
+    """Where each simulated bank's file is (partition id -> (bank id, path)) and how to read it."""
+
+    config: FedFraudConfig
+    banks: dict[int, tuple[int, str]] = field(default_factory=dict)
+    features: tuple[str, ...] | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    ledger_dir: str | None = None
+
+
+class BankClient(NumPyClient):
+    """One bank: trains and evaluates the global model on its own rows; its privacy ledger lives in context.state."""
+
+    def __init__(self, context: Context, config: FedFraudConfig, bank: int, data: BankData,
+                 ledger: BankLedger | None = None) -> None:
+        self.context, self.config, self.bank, self.data = context, config, bank, data
+        self.ledger_file = ledger
+        if BANK_STATE not in context.state.config_records and ledger is not None:
+            saved = ledger.load()
+            if saved:
+                context.state.config_records[BANK_STATE] = ConfigRecord(saved)
+
+    def _ledger(self) -> dict[str, Any] | None:
+        record = self.context.state.config_records.get(BANK_STATE)
+        return dict(record) if record is not None else None
+
+    def fit(self, parameters: NDArrays, config: Mapping[str, Any]) -> tuple[NDArrays, int, dict[str, Any]]:
+        """Answer a statistics round or a training round (a zero-weight echo when the bank declines)."""
+        if config.get(TASK) == TASK_STATS:
+            scales = np.asarray(parameters[0], dtype=np.float64)
+            return [self.data.stats_vector() / scales], len(self.data.y_train), {}
+        spec = FeatureSpec.from_json(str(config[KEY_SPEC]))
+        outcome = train_round(self.data, parameters, spec, self.config, bank=self.bank, state=self._ledger(),
+                              proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)),
+                              seed=self.config.train.seed + 1000 * int(config.get(KEY_ROUND, 0)) + self.bank)
+        if outcome.state:
+            self.context.state.config_records[BANK_STATE] = ConfigRecord(outcome.state)
+            if self.ledger_file is not None:
+                self.ledger_file.save(outcome.state, declined=outcome.weights is None)
+        if outcome.weights is None:
+            return parameters, 0, {}
+        return outcome.weights, outcome.examples, {}
+
+    def evaluate(self, parameters: NDArrays, config: Mapping[str, Any]) -> tuple[float, int, dict[str, Any]]:
+        """Score the global model on this bank's test window; report its metrics and epsilon spent."""
+        spec = FeatureSpec.from_json(str(config[KEY_SPEC]))
+        loss, metrics = evaluate_round(self.data, parameters, spec, self.config)
+        ledger = self._ledger() or {}
+        extra = {"bank": self.bank, "epsilon": float(ledger.get("dp-epsilon-spent", 0.0)),
+                 "dp-steps": int(sum(ledger.get("dp-history-steps", []) or [0]))}
+        return float(loss) if np.isfinite(loss) else 0.0, len(self.data.y_test), {**metrics, **extra}
+
+
+def _client_mods(config: FedFraudConfig) -> list[Any]:
+    """Outermost first: hide plaintext counts, mask (SecAgg+), then clip for client-level DP."""
+    mods: list[Any] = [scrub_plaintext_mod, optional_secaggplus_mod]
+    if config.privacy.central_dp:
+        mods.append(skip_for_stats(fixedclipping_mod))
+    return mods
+
+
+def make_client_app(settings: BankSettings) -> ClientApp:
+    """A ClientApp for simulation: each partition id is one bank's file."""
+
+    def client_fn(context: Context) -> Client:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        bank, path = settings.banks[int(context.node_config["partition-id"])]
+        data = load_bank(path, split=settings.config.split, features=settings.features, columns=settings.columns)
+        ledger = BankLedger(Path(settings.ledger_dir) / f"bank_{bank:03d}.json") if settings.ledger_dir else None
+        return BankClient(context, settings.config, bank, data, ledger).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=_client_mods(settings.config))
+
+
+def _deployed_client(context: Context) -> Client:
+    """Deployment: the bank's file from the node config, settings from the run config."""
+    config = parse_config(dict(context.run_config))
+    node = context.node_config
+    features = tuple(str(node["features"]).split(",")) if node.get("features") else None
+    data = load_bank(str(node["data-path"]), split=config.split, features=features,
+                     columns=parse_columns(str(node.get("columns", "")) or None))
+    ledger = BankLedger(Path(str(node["ledger-path"]))) if node.get("ledger-path") else None
+    return BankClient(context, config, int(node.get("bank-id", 0)), data, ledger).to_client()
+
+
+app = ClientApp(client_fn=_deployed_client, mods=[scrub_plaintext_mod, optional_secaggplus_mod])

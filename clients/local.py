@@ -1,0 +1,106 @@
+"""A bank's local round, free of Flower: train the global model under its privacy step, or evaluate it."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from clients.bank import BankData
+from clients.privacy import PrivacyBudgetExhausted, make_privacy_step, steps_per_round
+from models.config import FedFraudConfig
+from models.federation import CLIPPING_RANGE
+from models.nets import build_model, get_weights, set_weights
+from models.spec import FeatureSpec
+from models.training import evaluate_loss, make_loader, make_optimizer, pos_weight_for, predict_scores, train_epochs
+
+logger = logging.getLogger(__name__)
+
+
+class UpdateCheckError(ValueError):
+    """A bank's update is not fit to be masked and sent (non-finite, wrong shape, or outside the SecAgg+ range)."""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a bank's training round produced: new weights (None if it declined) and its privacy ledger."""
+
+    weights: list[np.ndarray] | None
+    examples: int
+    epsilon: float
+    state: dict[str, Any]
+    loss: float = math.nan
+
+
+def check_update(weights: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> None:
+    """Refuse an update that is non-finite, mis-shaped or outside +-CLIPPING_RANGE (SecAgg+ would clip it)."""
+    if len(weights) != len(reference):
+        raise UpdateCheckError(f"update has {len(weights)} arrays, the model has {len(reference)}")
+    for i, (w, ref) in enumerate(zip(weights, reference, strict=True)):
+        if w.shape != ref.shape:
+            raise UpdateCheckError(f"update array {i}: shape {w.shape}, the model's is {ref.shape}")
+        if not np.isfinite(w).all():
+            raise UpdateCheckError(f"update array {i}: has NaN or infinite values")
+        if np.abs(w).max(initial=0.0) > CLIPPING_RANGE:
+            raise UpdateCheckError(f"update array {i}: |value| {np.abs(w).max():.2f} exceeds the SecAgg+ "
+                                   f"clipping range {CLIPPING_RANGE}")
+
+
+def _model(config: FedFraudConfig, n_features: int, weights: Sequence[np.ndarray]) -> torch.nn.Module:
+    model = build_model(config.train.model, n_features, hidden_sizes=config.train.hidden_sizes)
+    set_weights(model, weights)
+    return model
+
+
+def train_round(data: BankData, weights: Sequence[np.ndarray], spec: FeatureSpec, config: FedFraudConfig, *,
+                bank: int, state: Mapping[str, Any] | None, proximal_mu: float = 0.0,
+                seed: int = 0) -> RoundOutcome:
+    """Train the global model on this bank's train window under its privacy step (or decline if over budget)."""
+    n, train = len(data.y_train), config.train
+    fed, privacy = config.federation, config.privacy
+    planned = max(1, math.ceil(fed.rounds * fed.fraction_fit))
+    step = make_privacy_step(enabled=privacy.dp, epsilon=privacy.epsilon_for(bank), delta=privacy.dp_delta,
+                             max_grad_norm=privacy.dp_max_grad_norm, n_examples=max(n, 1),
+                             batch_size=min(train.batch_size, max(n, 1)), local_epochs=train.local_epochs,
+                             planned_rounds=planned, state=state)
+    steps = steps_per_round(n_examples=max(n, 1), batch_size=min(train.batch_size, max(n, 1)),
+                            local_epochs=train.local_epochs)
+    if n == 0 or not step.admits(steps=steps):
+        logger.warning("bank %s declines this round: %s", bank,
+                       "no training rows" if n == 0 else f"budget epsilon={privacy.epsilon_for(bank)} would be "
+                       f"exceeded (spent {step.spent():.3f})")
+        return RoundOutcome(weights=None, examples=0, epsilon=step.spent(), state=dict(step.state()))
+    model = _model(config, len(spec.names), weights)
+    loader = make_loader(spec.transform(data.x_train), data.y_train, batch_size=min(train.batch_size, n), seed=seed)
+    optimizer = make_optimizer(model, lr=train.lr, weight_decay=train.weight_decay)
+    private_model, private_opt, private_loader = step.wrap(model, optimizer, loader)
+    global_tensors = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    try:
+        stats = train_epochs(private_model, private_opt, private_loader, epochs=train.local_epochs,
+                             pos_weight=pos_weight_for(data.y_train), proximal_mu=proximal_mu,
+                             global_weights=global_tensors)
+    except PrivacyBudgetExhausted as exc:  # steps already taken are spent: keep the ledger, send nothing
+        logger.warning("bank %s stops mid-round: %s", bank, exc)
+        return RoundOutcome(weights=None, examples=0, epsilon=step.spent(), state=dict(step.state()))
+    ledger = dict(step.state())
+    new = get_weights(model)
+    check_update(new, weights)
+    return RoundOutcome(weights=new, examples=n, epsilon=step.spent(), state=ledger, loss=stats.loss)
+
+
+def evaluate_round(data: BankData, weights: Sequence[np.ndarray], spec: FeatureSpec,
+                   config: FedFraudConfig) -> tuple[float, dict[str, float]]:
+    """Loss and fraud metrics of the global model on this bank's test window."""
+    if len(data.y_test) == 0:
+        return math.nan, {}
+    model = _model(config, len(spec.names), weights)
+    x = spec.transform(data.x_test)
+    scores = predict_scores(model, x)
+    loss = evaluate_loss(model, x, data.y_test, pos_weight=1.0)
+    metrics = {k: v for k, v in data.test_metrics(scores).items() if math.isfinite(v)}
+    return loss, metrics

@@ -1,0 +1,20 @@
+"""Contracts shared by the banks' ClientApp and the consortium's ServerApp (they never import each other)."""
+
+from __future__ import annotations
+
+CLIPPING_RANGE = 8.0
+"""SecAgg+ clips each weighted coordinate to +-CLIPPING_RANGE; a bank refuses to send a larger value."""
+MAX_WEIGHT = 1_000_000.0
+"""Default public bound on a bank's training rows (SecAgg+ weight num_examples / max_weight must be <= 1)."""
+STATS_CLIP = 20.0
+"""Banks clip feature values to +-STATS_CLIP for the standardization statistics round."""
+
+TASK = "task"
+TASK_STATS = "stats"
+TASK_TRAIN = "train"
+KEY_ROUND = "server-round"
+KEY_SPEC = "feature-spec"
+KEY_MAX_WEIGHT = "max-weight"
+KEY_PROXIMAL_MU = "proximal_mu"  # the name Flower's FedProx puts into the fit config
+BANK_STATE = "fedfraud-bank"
+"""The ConfigRecord in a ClientApp's context.state holding the bank's privacy ledger."""

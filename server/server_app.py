@@ -1,0 +1,183 @@
+"""The consortium's Flower ServerApp: secure statistics round, then guarded (SecAgg+) federated training.
+
+Flower wiring only. SecAgg+ exists only in the legacy API, so rounds run as `DefaultWorkflow` over a
+`LegacyContext`: a statistics round (secure mean of the banks' feature moments, for consortium-wide
+standardization), then training rounds with evaluation, a checkpoint after every round, resume from the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid, ServerApp
+
+from models.config import FedFraudConfig, parse_config
+from models.feature_names import FEATURE_VERSION, LOCAL_FEATURES
+from models.federation import CLIPPING_RANGE, MAX_WEIGHT, STATS_CLIP
+from models.nets import build_model, get_weights
+from models.spec import FeatureSpec, FeatureStats
+from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server.secagg import SecAggParams, choose_secagg
+from server.strategy import SecureMeanStrategy, build_strategy
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+logger = logging.getLogger(__name__)
+
+
+class FederationError(RuntimeError):
+    """A federated run cannot go on (e.g. the secure statistics round produced no result)."""
+
+
+@dataclass
+class ServerSettings:
+    """What the ServerApp needs beyond the run config; `sink` receives per-round records (simulation)."""
+
+    config: FedFraudConfig
+    n_banks: int
+    feature_names: tuple[str, ...]
+    feature_version: str
+    checkpoint_dir: Path | None = None
+    max_weight: float = MAX_WEIGHT
+    sink: dict[str, Any] = field(default_factory=dict)
+    on_progress: Callable[[str], None] | None = None
+
+
+def _fit_workflow(settings: ServerSettings, params: SecAggParams | None) -> Any:
+    return SecAggPlusWorkflow(**params.workflow_kwargs()) if params is not None else None
+
+
+def stats_round(grid: Grid, context: Context, settings: ServerSettings) -> FeatureSpec:
+    """Consortium-wide feature means and variances from the banks' moments, summed under SecAgg+."""
+    n_features = len(settings.feature_names)
+    scales = np.concatenate([np.full(n_features, STATS_CLIP), np.full(n_features, STATS_CLIP**2)]) / CLIPPING_RANGE
+    strategy = SecureMeanStrategy(scales=scales, n_banks=settings.n_banks, sink=settings.sink)
+    params = None
+    if settings.config.federation.secagg:
+        q = 2 ** int(math.log2((settings.config.federation.secagg_modulus_range - 1) // settings.n_banks))
+        params = choose_secagg(settings.n_banks, settings.config.federation, max_weight=settings.max_weight)
+        params = SecAggParams(**{**params.workflow_kwargs(), "quantization_range": q})
+    workflow = DefaultWorkflow(fit_workflow=_fit_workflow(settings, params), evaluate_workflow=lambda g, c: None)
+    workflow(grid, LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy))
+    if "stats_mean" not in settings.sink:
+        raise FederationError("the secure statistics round produced no result (too few banks answered)")
+    moments = np.asarray(settings.sink["stats_mean"], dtype=np.float64)
+    stats = FeatureStats(count=1.0, total=moments[:n_features], total_sq=moments[n_features:])
+    return FeatureSpec.from_stats(settings.feature_names, stats, version=settings.feature_version,
+                                  delay_days=settings.config.split.delay_days)
+
+
+def _wrap_central_dp(strategy: Strategy, config: FedFraudConfig, n_per_round: int) -> Strategy:
+    privacy = config.privacy
+    if not privacy.central_dp:
+        return strategy
+    std = privacy.central_dp_noise * privacy.central_dp_clip / n_per_round
+    if n_per_round < 100:
+        logger.warning("client-level DP with %d banks per round adds noise of std %.3g to every weight; "
+                       "below ~100 banks per round this usually ruins the model", n_per_round, std)
+    return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=privacy.central_dp_noise,
+                                                      clipping_norm=privacy.central_dp_clip,
+                                                      num_sampled_clients=n_per_round)
+
+
+class RoundRecorder:
+    """Merges fit and evaluate records per round; checkpoints when a round is complete."""
+
+    def __init__(self, settings: ServerSettings, spec_json: str, start: Checkpoint | None) -> None:
+        self.settings, self.spec_json = settings, spec_json
+        self.history: list[dict[str, Any]] = list(start.history) if start else []
+        self.ledger: dict[str, float] = dict(start.ledger) if start else {}
+        self.weights: list[np.ndarray] = list(start.weights) if start else []
+        self.strategy: Any = None
+        settings.sink.setdefault("rounds", {}).update({int(h["round"]): h for h in self.history})
+
+    def __call__(self, round_no: int, info: dict[str, Any]) -> None:
+        """Record a fit or evaluate result of a round."""
+        record = self.settings.sink.setdefault("rounds", {}).setdefault(round_no, {"round": round_no})
+        if "weights" in info:
+            self.weights = [np.asarray(w) for w in info["weights"]]
+            self.settings.sink["weights"] = self.weights
+            self.settings.sink.setdefault("round_weights", {})[round_no] = self.weights
+        record.update({k: v for k, v in info.items() if k != "weights"})
+        if "banks" in info:
+            self.ledger.update({b: float(m.get("epsilon", 0.0)) for b, m in info["banks"].items()})
+            record["ledger"] = dict(self.ledger)
+            self.history.append({k: v for k, v in record.items() if k != "weights"})
+            self._checkpoint(round_no)
+            if self.settings.on_progress is not None:
+                self.settings.on_progress(f"federated round {round_no}/{self.settings.config.federation.rounds}")
+
+    def _checkpoint(self, round_no: int) -> None:
+        if self.settings.checkpoint_dir is None:
+            return
+        inner = getattr(self.strategy, "strategy", self.strategy)
+        state = {k: list(getattr(inner, k)) for k in ("m_t", "v_t") if getattr(inner, k, None) is not None}
+        save_checkpoint(self.settings.checkpoint_dir, Checkpoint(
+            round=round_no, weights=self.weights, spec_json=self.spec_json, ledger=self.ledger,
+            strategy_state=state, history=self.history))
+
+
+def run_federation(grid: Grid, context: Context, settings: ServerSettings) -> None:
+    """Statistics round (unless resuming), then the remaining training rounds."""
+    config, fed = settings.config, settings.config.federation
+    start = load_checkpoint(settings.checkpoint_dir) if settings.checkpoint_dir else None
+    if start is not None:
+        logger.info("resuming after round %d from %s", start.round, settings.checkpoint_dir)
+        spec_json, initial = start.spec_json, start.weights
+    else:
+        spec_json = stats_round(grid, context, settings).to_json()
+        model = build_model(config.train.model, len(settings.feature_names),
+                            hidden_sizes=config.train.hidden_sizes, seed=config.train.seed)
+        initial = get_weights(model)
+    settings.sink.update(spec_json=spec_json, weights=initial)
+    done = start.round if start else 0
+    if done >= fed.rounds:
+        logger.info("all %d rounds are done already", fed.rounds)
+        return
+    recorder = RoundRecorder(settings, spec_json, start)
+    recorder.weights = list(initial)
+    n_per_round = max(1, round(fed.fraction_fit * settings.n_banks))
+    secagg = choose_secagg(n_per_round, fed, max_weight=settings.max_weight) if fed.secagg else None
+    strategy = build_strategy(config, initial, n_banks=settings.n_banks, spec_json=spec_json,
+                              on_round=recorder, round_offset=done)
+    if start is not None and start.strategy_state:
+        for name, values in start.strategy_state.items():
+            setattr(strategy, name, values)
+    strategy = _wrap_central_dp(strategy, config, n_per_round)
+    recorder.strategy = strategy
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds - done), strategy=strategy)
+    DefaultWorkflow(fit_workflow=_fit_workflow(settings, secagg))(grid, legacy)
+
+
+def make_server_app(settings: ServerSettings) -> ServerApp:
+    """A ServerApp bound to these settings (simulation passes them here: its run config is empty)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, context, settings)
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def _deployed_main(grid: Grid, context: Context) -> None:
+    """Deployment (`flwr run`): settings from the run config; every connected bank takes part."""
+    config = parse_config(dict(context.run_config))
+    nodes = list(grid.get_node_ids())
+    settings = ServerSettings(config=config, n_banks=len(nodes), feature_names=LOCAL_FEATURES,
+                              feature_version=FEATURE_VERSION)
+    run_federation(grid, context, settings)

@@ -1,0 +1,144 @@
+"""Server strategies: FedAvg / FedProx / FedAdam with an aggregate guard and per-bank bookkeeping,
+and the secure-mean strategy of the standardization statistics round."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from models.config import FedFraudConfig
+from models.federation import CLIPPING_RANGE, KEY_ROUND, KEY_SPEC, TASK, TASK_STATS, TASK_TRAIN
+
+logger = logging.getLogger(__name__)
+RoundHook = Callable[[int, dict[str, Any]], None]
+BASES: dict[str, type[FedAvg]] = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+
+
+def check_aggregate(arrays: list[np.ndarray], reference: list[np.ndarray]) -> str | None:
+    """Why an aggregate must be discarded (non-finite, mis-shaped, beyond the clipping bound), or None."""
+    if [a.shape for a in arrays] != [r.shape for r in reference]:
+        return "shapes differ from the model"
+    if not all(np.isfinite(a).all() for a in arrays):
+        return "non-finite values (e.g. every bank declined)"
+    worst = max(float(np.abs(a).max(initial=0.0)) for a in arrays)
+    if worst > CLIPPING_RANGE:
+        return f"|value| {worst:.2f} beyond the clipping bound {CLIPPING_RANGE}"
+    return None
+
+
+class GuardedMixin:
+    """Discards an aggregate that fails `check_aggregate` (the global model stays) and reports each round."""
+
+    on_round: RoundHook
+    round_offset: int
+    current: list[np.ndarray]
+    _started: float
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        """Sample banks and stamp the real round number (resumed runs continue their count)."""
+        self._started = time.perf_counter()
+        return super().configure_fit(server_round, parameters, client_manager)  # type: ignore[misc]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Aggregate (under SecAgg+ every result already carries the masked mean) and guard the result."""
+        round_no = server_round + self.round_offset
+        info: dict[str, Any] = {"round": round_no, "results": len(results), "failures": len(failures)}
+        if not results:
+            info["discarded"] = "no results (SecAgg+ threshold not met or every bank failed)"
+            self.on_round(round_no, info)
+            return None, {}
+        params, metrics = super().aggregate_fit(server_round, results, failures)  # type: ignore[misc]
+        reason = "no aggregate" if params is None else check_aggregate(parameters_to_ndarrays(params), self.current)
+        if reason is not None:
+            logger.error("round %d: aggregate discarded, the global model is kept: %s", round_no, reason)
+            info["discarded"] = reason
+            self.on_round(round_no, info)
+            return None, {}
+        self.current = parameters_to_ndarrays(params)
+        info["seconds"] = round(time.perf_counter() - self._started, 3)
+        self.on_round(round_no, {**info, "weights": self.current})
+        return params, metrics
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[Any]) -> tuple[float | None, dict[str, Scalar]]:
+        """Collect each bank's test metrics and epsilon for the round's record."""
+        banks = {str(int(r.metrics.get("bank", -1))): {**r.metrics, "loss": r.loss, "examples": r.num_examples}
+                 for _, r in results}
+        self.on_round(server_round + self.round_offset, {"banks": banks, "evaluate_failures": len(failures)})
+        return super().aggregate_evaluate(server_round, results, failures)  # type: ignore[misc]
+
+
+def build_strategy(config: FedFraudConfig, initial: list[np.ndarray], *, n_banks: int, spec_json: str,
+                   on_round: RoundHook, round_offset: int = 0) -> Strategy:
+    """The configured strategy (FedAvg, FedProx or FedAdam) with the guard, round offset and fit config."""
+    fed = config.federation
+    base = BASES[fed.strategy]
+    cls = type(f"Guarded{base.__name__}", (GuardedMixin, base), {})
+    per_round = max(1, round(fed.fraction_fit * n_banks))
+
+    def fit_config(server_round: int) -> dict[str, Scalar]:
+        return {TASK: TASK_TRAIN, KEY_ROUND: server_round + round_offset, KEY_SPEC: spec_json}
+
+    kwargs: dict[str, Any] = {
+        "fraction_fit": fed.fraction_fit, "fraction_evaluate": 1.0,
+        "min_fit_clients": min(max(fed.min_fit_banks, per_round), n_banks), "min_evaluate_clients": n_banks,
+        "min_available_clients": n_banks, "initial_parameters": ndarrays_to_parameters(initial),
+        "on_fit_config_fn": fit_config, "on_evaluate_config_fn": lambda r: {KEY_SPEC: spec_json},
+        "fit_metrics_aggregation_fn": lambda _: {}, "evaluate_metrics_aggregation_fn": lambda _: {},
+    }
+    if fed.strategy == "fedprox":
+        kwargs["proximal_mu"] = fed.proximal_mu
+    if fed.strategy == "fedadam":
+        kwargs.update(eta=fed.server_lr, eta_l=config.train.lr)
+    strategy = cls(**kwargs)
+    strategy.on_round, strategy.round_offset, strategy.current = on_round, round_offset, list(initial)
+    return strategy
+
+
+class SecureMeanStrategy(FedAvg):
+    """One fit round whose aggregate is the example-weighted mean of the banks' statistics vectors."""
+
+    def __init__(self, *, scales: np.ndarray, n_banks: int, sink: dict[str, Any]) -> None:
+        super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n_banks,
+                         min_available_clients=n_banks, initial_parameters=ndarrays_to_parameters([scales]),
+                         fit_metrics_aggregation_fn=lambda _: {})
+        self.scales, self.sink = scales, sink
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        """Send the public scales with the statistics task."""
+        pairs = super().configure_fit(server_round, parameters, client_manager)
+        return [(client, FitIns(parameters, {TASK: TASK_STATS})) for client, _ in pairs]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Keep the weighted mean (rescaled); never an individual bank's vector under SecAgg+."""
+        self.sink["stats_results"] = len(results)
+        params, _ = super().aggregate_fit(server_round, results, failures)
+        if params is not None:
+            self.sink["stats_mean"] = parameters_to_ndarrays(params)[0] * self.scales
+        return params, {}
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """No evaluation in the statistics round."""
+        return []
