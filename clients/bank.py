@@ -33,11 +33,11 @@ class BankData:
     feature_names: tuple[str, ...]
 
     def stats_vector(self) -> np.ndarray:
-        """Per-feature means of x and x^2 over the train window (clipped), for the secure stats round."""
+        """Means of x and x^2 per feature (clipped) and the fraud rate over the train window, for the stats round."""
         x = np.clip(self.x_train.astype(np.float64), -STATS_CLIP, STATS_CLIP)
         if len(x) == 0:
-            return np.zeros(2 * x.shape[1])
-        return np.concatenate([x.mean(axis=0), (x**2).mean(axis=0)])
+            return np.zeros(2 * x.shape[1] + 1)
+        return np.concatenate([x.mean(axis=0), (x**2).mean(axis=0), [float(self.y_train.mean())]])
 
     def test_metrics(self, scores: np.ndarray) -> dict[str, float]:
         """Fraud metrics of scores on this bank's test window."""

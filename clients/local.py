@@ -17,7 +17,14 @@ from models.config import FedFraudConfig
 from models.federation import CLIPPING_RANGE
 from models.nets import build_model, get_weights, set_weights
 from models.spec import FeatureSpec
-from models.training import evaluate_loss, make_loader, make_optimizer, pos_weight_for, predict_scores, train_epochs
+from models.training import (
+    evaluate_loss,
+    make_loader,
+    make_optimizer,
+    pos_weight_for,
+    predict_scores,
+    train_epochs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +84,12 @@ def train_round(data: BankData, weights: Sequence[np.ndarray], spec: FeatureSpec
         return RoundOutcome(weights=None, examples=0, epsilon=step.spent(), state=dict(step.state()))
     model = _model(config, len(spec.names), weights)
     loader = make_loader(spec.transform(data.x_train), data.y_train, batch_size=min(train.batch_size, n), seed=seed)
-    optimizer = make_optimizer(model, lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = make_optimizer(model, lr=privacy.learning_rate(train.lr), weight_decay=train.weight_decay)
     private_model, private_opt, private_loader = step.wrap(model, optimizer, loader)
     global_tensors = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     try:
         stats = train_epochs(private_model, private_opt, private_loader, epochs=train.local_epochs,
-                             pos_weight=pos_weight_for(data.y_train), proximal_mu=proximal_mu,
+                             pos_weight=train.pos_weight or pos_weight_for(data.y_train), proximal_mu=proximal_mu,
                              global_weights=global_tensors)
     except PrivacyBudgetExhausted as exc:  # steps already taken are spent: keep the ledger, send nothing
         logger.warning("bank %s stops mid-round: %s", bank, exc)

@@ -76,10 +76,15 @@ class PrivacyConfig:
     dp_epsilon: float
     dp_delta: float
     dp_max_grad_norm: float
+    dp_lr: float
     dp_bank_epsilon: dict[int, float]
     central_dp: bool
     central_dp_noise: float
     central_dp_clip: float
+
+    def learning_rate(self, plain_lr: float) -> float:
+        """The local learning rate: DP-SGD's clipped, noised gradients need their own (larger) step."""
+        return self.dp_lr if self.dp else plain_lr
 
     def epsilon_for(self, bank: int) -> float:
         """The privacy budget of one bank (its override, else the consortium default)."""
@@ -240,6 +245,7 @@ def _privacy(raw: Mapping[str, Any]) -> PrivacyConfig:
         dp_epsilon=_value(raw, "dp-epsilon", float, pos, "a positive epsilon"),
         dp_delta=_value(raw, "dp-delta", float, lambda v: 0 < v < 1, "a delta in (0, 1)"),
         dp_max_grad_norm=_value(raw, "dp-max-grad-norm", float, pos, "a positive clipping norm"),
+        dp_lr=_value(raw, "dp-lr", float, lambda v: 0 < v < 100, "a learning rate in (0, 100)"),
         dp_bank_epsilon=_value(raw, "dp-bank-epsilon", _bank_epsilons, lambda v: all(e > 0 for e in v.values()),
                                "a list BANK:EPSILON,... of positive budgets"),
         central_dp=_value(raw, "central-dp", bool, lambda v: True, "true or false"),

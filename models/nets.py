@@ -111,3 +111,14 @@ def set_weights(model: nn.Module, weights: Sequence[np.ndarray]) -> None:
     with torch.no_grad():
         for target, array in zip(state.values(), arrays, strict=True):
             target.copy_(torch.as_tensor(array, dtype=target.dtype, device=target.device))
+
+
+def init_output_bias(model: nn.Module, *, fraud_rate: float, pos_weight: float) -> None:
+    """Start the output at the loss-weighted fraud prior, so early steps learn ranking, not the base rate."""
+    if not 0 < fraud_rate < 1:
+        return
+    prior = fraud_rate * pos_weight / (fraud_rate * pos_weight + 1 - fraud_rate)
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    if last.bias is not None:
+        with torch.no_grad():
+            last.bias.fill_(math.log(prior / (1 - prior)))

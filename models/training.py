@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from models.nets import build_model
+from models.nets import build_model, init_output_bias
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +189,7 @@ def train_model(x: np.ndarray, y: np.ndarray, *, kind: str, hidden_sizes: Sequen
     model = build_model(kind, xs.shape[1], hidden_sizes=hidden_sizes, seed=seed)
     optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay)
     weight = pos_weight_for(np.asarray(y)) if pos_weight is None else pos_weight
+    init_output_bias(model, fraud_rate=float(np.mean(y)), pos_weight=weight)
     stats = train_epochs(model, optimizer, loader, epochs=epochs, pos_weight=weight)
     logger.info("central %s on %d rows: %d epochs, loss %.5f (pos_weight %.1f)",
                 kind, len(xs), epochs, stats.loss, weight)

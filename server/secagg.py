@@ -51,13 +51,16 @@ def choose_secagg(n_banks: int, config: FederationConfig, *, max_weight: float =
         raise SecAggConfigError(f"SecAgg+ needs at least 3 banks per round, got {n_banks} "
                                 "(set secagg=false for smaller trials)")
     shares = config.secagg_num_shares or min(n_banks, max(3, math.ceil(2 * math.log2(n_banks)) + 1))
+    if shares < n_banks and shares % 2 == 0:
+        shares += 1  # SecAgg+ builds a ring of (shares - 1) / 2 neighbours on each side: it needs an odd count
     if not 2 < shares <= n_banks:
         raise SecAggConfigError(f"config key 'secagg-num-shares': {shares} must be > 2 and <= the {n_banks} "
                                 "banks per round")
     threshold = config.secagg_reconstruction_threshold or max(2, math.ceil(0.6 * shares))
-    if not 1 < threshold <= shares:
+    threshold = min(threshold, shares - 1) if not config.secagg_reconstruction_threshold else threshold
+    if not 1 < threshold < shares:
         raise SecAggConfigError(f"config key 'secagg-reconstruction-threshold': {threshold} must be in "
-                                f"(1, num_shares={shares}]")
+                                f"(1, num_shares={shares})")
     q, m = config.secagg_quantization_range, config.secagg_modulus_range
     if n_banks * q >= m:
         raise SecAggConfigError(

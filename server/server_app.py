@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from models.config import FedFraudConfig, parse_config
 from models.feature_names import FEATURE_VERSION, LOCAL_FEATURES
 from models.federation import CLIPPING_RANGE, MAX_WEIGHT, STATS_CLIP
-from models.nets import build_model, get_weights
+from models.nets import build_model, get_weights, init_output_bias
 from models.spec import FeatureSpec, FeatureStats
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.secagg import SecAggParams, choose_secagg
@@ -60,7 +60,8 @@ def _fit_workflow(settings: ServerSettings, params: SecAggParams | None) -> Any:
 def stats_round(grid: Grid, context: Context, settings: ServerSettings) -> FeatureSpec:
     """Consortium-wide feature means and variances from the banks' moments, summed under SecAgg+."""
     n_features = len(settings.feature_names)
-    scales = np.concatenate([np.full(n_features, STATS_CLIP), np.full(n_features, STATS_CLIP**2)]) / CLIPPING_RANGE
+    bounds = np.concatenate([np.full(n_features, STATS_CLIP), np.full(n_features, STATS_CLIP**2), [1.0]])
+    scales = bounds / CLIPPING_RANGE
     strategy = SecureMeanStrategy(scales=scales, n_banks=settings.n_banks, sink=settings.sink)
     params = None
     if settings.config.federation.secagg:
@@ -72,7 +73,8 @@ def stats_round(grid: Grid, context: Context, settings: ServerSettings) -> Featu
     if "stats_mean" not in settings.sink:
         raise FederationError("the secure statistics round produced no result (too few banks answered)")
     moments = np.asarray(settings.sink["stats_mean"], dtype=np.float64)
-    stats = FeatureStats(count=1.0, total=moments[:n_features], total_sq=moments[n_features:])
+    stats = FeatureStats(count=1.0, total=moments[:n_features], total_sq=moments[n_features:2 * n_features])
+    settings.sink["fraud_rate"] = float(np.clip(moments[-1], 1e-6, 0.5))
     return FeatureSpec.from_stats(settings.feature_names, stats, version=settings.feature_version,
                                   delay_days=settings.config.split.delay_days)
 
@@ -88,6 +90,15 @@ def _wrap_central_dp(strategy: Strategy, config: FedFraudConfig, n_per_round: in
     return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=privacy.central_dp_noise,
                                                       clipping_norm=privacy.central_dp_clip,
                                                       num_sampled_clients=n_per_round)
+
+
+def initial_weights(config: FedFraudConfig, n_features: int, fraud_rate: float) -> list[np.ndarray]:
+    """The first global model, its output bias at the (loss-weighted) consortium fraud rate."""
+    model = build_model(config.train.model, n_features, hidden_sizes=config.train.hidden_sizes,
+                        seed=config.train.seed)
+    pos_weight = config.train.pos_weight or (1 - fraud_rate) / fraud_rate  # 'auto' balances the classes
+    init_output_bias(model, fraud_rate=fraud_rate, pos_weight=pos_weight)
+    return get_weights(model)
 
 
 class RoundRecorder:
@@ -136,9 +147,7 @@ def run_federation(grid: Grid, context: Context, settings: ServerSettings) -> No
         spec_json, initial = start.spec_json, start.weights
     else:
         spec_json = stats_round(grid, context, settings).to_json()
-        model = build_model(config.train.model, len(settings.feature_names),
-                            hidden_sizes=config.train.hidden_sizes, seed=config.train.seed)
-        initial = get_weights(model)
+        initial = initial_weights(config, len(settings.feature_names), settings.sink["fraud_rate"])
     settings.sink.update(spec_json=spec_json, weights=initial)
     done = start.round if start else 0
     if done >= fed.rounds:

@@ -1,5 +1,6 @@
 """Server strategies: FedAvg / FedProx / FedAdam with an aggregate guard and per-bank bookkeeping,
-and the secure-mean strategy of the standardization statistics round."""
+and the secure-mean strategy of the standardization statistics round.
+"""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Callable
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 

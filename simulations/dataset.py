@@ -13,8 +13,8 @@ import pandas as pd
 from clients.data import DataError, load_feature_table, load_transactions, warn_no_training_frauds
 from clients.features import FEATURE_VERSION, LOCAL_FEATURES, compute_local_features
 from models.config import ConfigError, SplitConfig
-from simulations.partition import partition_banks
 from models.split import Split, time_split
+from simulations.partition import partition_banks
 
 logger = logging.getLogger(__name__)
 SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")

@@ -11,10 +11,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import precision_recall_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from sklearn.metrics import precision_recall_curve
 
 logger = logging.getLogger(__name__)
 COLUMNS = (("ap", "AP"), ("roc_auc", "ROC AUC"), ("cp_at_100", "CP@100"), ("recall_at_1pct_fpr", "Recall@1%FPR"))
@@ -56,6 +56,17 @@ def _bank_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _rounds_table(metrics: dict[str, Any]) -> str:
+    lines = ["| method | round | AP | bank results | max epsilon | seconds | note |", "|---|---|---|---|---|---|---|"]
+    for method, values in metrics.get("methods", {}).items():
+        for r in values.get("rounds", []):
+            eps = max(r.get("ledger", {}).values(), default=0.0)
+            lines.append(f"| {method} | {r['round']} | {_fmt(r.get('global', {}).get('ap'))} | "
+                         f"{r.get('results', 'n/a')} | {eps:.2f} | {r.get('seconds', 'n/a')} | "
+                         f"{r.get('discarded', '')} |")
+    return "\n".join(lines)
+
+
 def _plot_pr(predictions: dict[str, pd.DataFrame], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method, pred in predictions.items():
@@ -87,10 +98,42 @@ def _plot_bank_ap(metrics: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_rounds(metrics: dict[str, Any], out: Path) -> list[str]:
+    """AP per round (federated runs against the baselines) and epsilon per round per bank."""
+    runs = {m: v["rounds"] for m, v in metrics.get("methods", {}).items() if v.get("rounds")}
+    if not runs:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, rounds in runs.items():
+        points = [(r["round"], r["global"]["ap"]) for r in rounds if r.get("global")]
+        ax.plot(*zip(*points, strict=True), marker="o", label=LABELS.get(method, method))
+    for method, values in metrics.get("baselines", {}).items():
+        if values.get("ap") is not None:
+            ax.axhline(values["ap"], linestyle="--", linewidth=1, label=LABELS.get(method, method), color=None)
+    ax.set(xlabel="round", ylabel="average precision (test window)", title="AP per round")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ap_per_round.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = next(iter(runs.values()))
+    banks = sorted({b for r in rounds for b in r.get("ledger", {})}, key=int)
+    for bank in banks:
+        ax.plot([r["round"] for r in rounds], [r.get("ledger", {}).get(bank, 0.0) for r in rounds], marker=".",
+                label=f"bank {bank}")
+    ax.set(xlabel="round", ylabel="epsilon spent", title="Record-level privacy spent per bank")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "epsilon_per_round.png", dpi=110)
+    plt.close(fig)
+    return ["![AP per round](ap_per_round.png)", "", "![epsilon per round](epsilon_per_round.png)", ""]
+
+
 def write_report(out: Path, metrics: dict[str, Any], predictions: dict[str, pd.DataFrame]) -> Path:
     """Render report.md and its plots into a results directory."""
     _plot_pr(predictions, out / "pr_curves.png")
     _plot_bank_ap(metrics, out / "ap_per_bank.png")
+    round_plots = _plot_rounds(metrics, out)
     split = metrics.get("split", {})
     parts = [
         "# fedfraud results", "",
@@ -101,6 +144,7 @@ def write_report(out: Path, metrics: dict[str, Any], predictions: dict[str, pd.D
         "![precision-recall](pr_curves.png)", "",
         "## Average precision per bank", "", _bank_table(metrics), "",
         "![AP per bank](ap_per_bank.png)", "",
+        *(["## Federated rounds", "", _rounds_table(metrics), "", *round_plots] if round_plots else []),
     ]
     path = out / "report.md"
     path.write_text("\n".join(parts))

@@ -29,7 +29,10 @@ NIGHT_HOURS = 6
 COMPROMISE_VOLUME_QUANTILES = (0.2, 0.8)
 CARD_TESTING_CATEGORIES = (5, 6)  # online and digital goods (indices into generate.CATEGORIES)
 FRAUD_MERCHANT_POWER = 1.0  # weight of merchants for fraud rows: popularity ** power
-TYPICAL_AMOUNT = 40.0  # median everyday amount of a card with scale 1
+TYPICAL_AMOUNT = 40.0
+SPREE_AMOUNT_FACTOR = 5.0  # spree amounts: this many times the card's typical amount (median)
+SPREE_NIGHT_SHARE = 0.45  # share of spree transactions moved to the night
+HIGH_AMOUNT_RANGE = (1500.0, 10_000.0)  # log-uniform amounts of high-amount frauds  # median everyday amount of a card with scale 1
 
 
 @dataclass(frozen=True)
@@ -129,9 +132,9 @@ def compromised_cards(rng: np.random.Generator, world: World, config: GeneratorC
     event = np.repeat(np.arange(n_events), per_event)
     n = event.size
     day = np.minimum(np.floor(begin[event] + rng.random(n) * length[event]), config.days - 1).astype(np.int64)
-    second = day * DAY + time_of_day(rng, n, night_share=0.45)
+    second = day * DAY + time_of_day(rng, n, night_share=SPREE_NIGHT_SHARE)
     merchant = _fraud_merchants(rng, world, n)
-    amount = TYPICAL_AMOUNT * world.card_scale[card[event]] * rng.lognormal(np.log(5.0), 0.6, size=n)
+    amount = TYPICAL_AMOUNT * world.card_scale[card[event]] * rng.lognormal(np.log(SPREE_AMOUNT_FACTOR), 0.6, size=n)
     return Batch(card[event], merchant, second, _cents(amount), np.full(n, COMPROMISED_CARD, np.int8))
 
 
@@ -167,5 +170,5 @@ def high_amount(rng: np.random.Generator, world: World, config: GeneratorConfig,
     merchant = _fraud_merchants(rng, world, n)
     day = rng.integers(0, config.days, size=n)
     second = day * DAY + time_of_day(rng, n)
-    amount = np.exp(rng.uniform(np.log(1500.0), np.log(10_000.0), size=n))
+    amount = np.exp(rng.uniform(*np.log(HIGH_AMOUNT_RANGE), size=n))
     return Batch(card, merchant, second, _cents(amount), np.full(n, HIGH_AMOUNT, np.int8))

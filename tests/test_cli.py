@@ -35,13 +35,15 @@ def test_generate_writes_bank_files_and_manifest(consortium):
 
 def test_simulate_writes_the_results_directory(consortium, tmp_path):
     out = tmp_path / "res"
-    result = fedfraud("simulate", "--data", consortium, "--out", out, "--epochs", 1)
+    result = fedfraud("simulate", "--data", consortium, "--out", out, "--epochs", 1, "--rounds", 2)
     assert "central, pooled features" in result.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["train-days"] == 7 and config["central-epochs"] == 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["baselines"]) == {"central_pooled", "central_siloed", "local"}
-    for name in ("central_pooled", "central_siloed", "local"):
+    assert [r["round"] for r in metrics["methods"]["federated"]["rounds"]] == [1, 2]
+    assert (out / "ap_per_round.png").exists() and (out / "epsilon_per_round.png").exists()
+    for name in ("central_pooled", "central_siloed", "local", "federated"):
         pred = pd.read_parquet(out / "predictions" / f"{name}.parquet")
         assert list(pred.columns) == CONTRACT
         assert pred["score"].between(0, 1).all()
@@ -51,7 +53,7 @@ def test_simulate_writes_the_results_directory(consortium, tmp_path):
     assert len(sizes) == 1
     assert "| central, pooled features |" in (out / "report.md").read_text()
     assert (out / "pr_curves.png").stat().st_size > 0
-    again = fedfraud("simulate", "--data", consortium, "--out", out, check=False)
+    again = fedfraud("simulate", "--data", consortium, "--out", out, "--engine", "none", check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
@@ -61,7 +63,7 @@ def test_pooled_file_with_column_mapping(consortium, tmp_path):
     odd.to_csv(tmp_path / "odd.csv", index=False)
     out = tmp_path / "res"
     fedfraud("simulate", "--data", tmp_path / "odd.csv", "--columns", "timestamp=WHEN,card_id=CARD,bank_id=BANK",
-             "--partition", "column:bank_id", "--out", out, "--epochs", 1, "--model", "logreg")
+             "--partition", "column:bank_id", "--out", out, "--epochs", 1, "--model", "logreg", "--engine", "none")
     pred = pd.read_parquet(out / "predictions" / "local.parquet")
     assert sorted(pred["bank_id"].unique()) == [0, 1, 2, 3]
 
@@ -71,7 +73,7 @@ def test_bad_input_is_refused_and_nothing_is_written(consortium, tmp_path):
     pooled.loc[pooled.index[5], "amount"] = -3.0
     pooled.to_csv(tmp_path / "bad.csv", index=False)
     out = tmp_path / "res"
-    result = fedfraud("simulate", "--data", tmp_path / "bad.csv", "--out", out, check=False)
+    result = fedfraud("simulate", "--data", tmp_path / "bad.csv", "--out", out, "--engine", "none", check=False)
     assert result.returncode == 2
     assert "amount" in result.stderr and "bad.csv" in result.stderr
     assert not out.exists()

@@ -10,7 +10,8 @@ def test_defaults_come_from_pyproject():
     config = load_config()
     assert config.split.train_days == raw["train-days"]
     assert config.train.hidden_sizes == tuple(int(h) for h in raw["hidden-sizes"].split(","))
-    assert config.train.pos_weight is None  # "auto"
+    assert config.train.pos_weight == raw["pos-weight"]
+    assert load_config({"pos-weight": "auto"}).train.pos_weight is None
 
 
 def test_config_is_frozen():
@@ -45,6 +46,19 @@ def test_unknown_and_missing_keys_are_refused():
     del raw["seed"]
     with pytest.raises(ConfigError, match="'seed' is missing"):
         parse_config(raw)
+
+
+def test_bank_budgets_and_booleans():
+    config = load_config({"dp-bank-epsilon": "3:1.5, 7:8", "secagg": "false", "dp": True})
+    assert config.privacy.epsilon_for(3) == 1.5 and config.privacy.epsilon_for(7) == 8.0
+    assert config.privacy.epsilon_for(0) == config.privacy.dp_epsilon
+    assert config.federation.secagg is False and config.privacy.dp is True
+    with pytest.raises(ConfigError, match="'dp-bank-epsilon'"):
+        load_config({"dp-bank-epsilon": "3:-1"})
+    with pytest.raises(ConfigError, match="'secagg'"):
+        load_config({"secagg": "maybe"})
+    with pytest.raises(ConfigError, match="'test-start'"):
+        load_config({"test-start": "2024-13-01"})
 
 
 def test_to_dict_round_trips():

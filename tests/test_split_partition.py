@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 
 from models.config import ConfigError, SplitConfig
-from simulations.partition import partition_banks
 from models.split import time_split
+from simulations.partition import partition_banks
 
 
 def _times(days=40, per_day=10):
