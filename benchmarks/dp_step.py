@@ -56,10 +56,14 @@ def _ghost(x: np.ndarray, y: np.ndarray, batch: int, features: int, sigma: float
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gsm, opt, crit, _ = PrivacyEngine(accountant="rdp").make_private(
-            module=model, optimizer=make_optimizer(model, lr=1e-3),
-            data_loader=make_loader(x, y, batch_size=batch, seed=0), noise_multiplier=sigma,
-            max_grad_norm=1.0, criterion=nn.BCEWithLogitsLoss(pos_weight=torch.tensor(POS_WEIGHT)),
-            grad_sample_mode="ghost")
+            module=model,
+            optimizer=make_optimizer(model, lr=1e-3),
+            data_loader=make_loader(x, y, batch_size=batch, seed=0),
+            noise_multiplier=sigma,
+            max_grad_norm=1.0,
+            criterion=nn.BCEWithLogitsLoss(pos_weight=torch.tensor(POS_WEIGHT)),
+            grad_sample_mode="ghost",
+        )
     return gsm, opt, crit
 
 
@@ -73,18 +77,26 @@ def make_step(mode: str, x: np.ndarray, y: np.ndarray, batch: int, features: int
             opt.zero_grad(set_to_none=True)
             crit(model(xb), yb).backward()
             opt.step()
+
         return ghost_step
     model = build_model("mlp", features, seed=0)
     opt = make_optimizer(model, lr=1e-3)
     if mode != "plain":
-        dp = DPSGD(epsilon=8.0, delta=1e-5, max_grad_norm=1.0, sample_rate=1 / N_BATCHES,
-                   planned_steps=20_000, grad_sample_mode=mode)
+        dp = DPSGD(
+            epsilon=8.0,
+            delta=1e-5,
+            max_grad_norm=1.0,
+            sample_rate=1 / N_BATCHES,
+            planned_steps=20_000,
+            grad_sample_mode=mode,
+        )
         model, opt, _ = dp.wrap(model, opt, make_loader(x, y, batch_size=batch, seed=0))
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         _bce(model(xb), yb).backward()
         opt.step()
+
     return step
 
 
@@ -99,9 +111,14 @@ def clipped_sum(mode: str, x: np.ndarray, y: np.ndarray, batch: int, features: i
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, opt, _ = make_private(
-                PrivacyEngine(accountant="rdp"), module=model, optimizer=make_optimizer(model, lr=1e-3),
-                data_loader=make_loader(x, y, batch_size=batch, seed=0), noise_multiplier=0.0,
-                max_grad_norm=1.0, grad_sample_mode=mode)
+                PrivacyEngine(accountant="rdp"),
+                module=model,
+                optimizer=make_optimizer(model, lr=1e-3),
+                data_loader=make_loader(x, y, batch_size=batch, seed=0),
+                noise_multiplier=0.0,
+                max_grad_norm=1.0,
+                grad_sample_mode=mode,
+            )
         loss = _bce(model(xb), yb)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -122,19 +139,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     x, y = _data(args.batch, args.features)
     reference = clipped_sum("hooks", x, y, args.batch, args.features)
-    diffs = {m: max(float((a - b).abs().max()) for a, b in
-                    zip(reference, clipped_sum(m, x, y, args.batch, args.features), strict=True))
-             for m in MODES}
+    diffs = {
+        m: max(
+            float((a - b).abs().max())
+            for a, b in zip(reference, clipped_sum(m, x, y, args.batch, args.features), strict=True)
+        )
+        for m in MODES
+    }
     steps = {m: make_step(m, x, y, args.batch, args.features) for m in ("plain", *MODES)}
     wall, cpu = _time(steps, rounds=args.rounds, n=args.steps)
-    print(f"DP step at batch {args.batch}, MLP {args.features}-64-64-1, Adam, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s); median of {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"DP step at batch {args.batch}, MLP {args.features}-64-64-1, Adam, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s); median of {args.rounds} rounds x {args.steps} steps"
+    )
     print(f"{'mode':<11}{'wall ms':>9}{'x plain':>9}{'cpu ms':>9}{'x plain':>9}{'max |diff| vs hooks':>21}")
     for mode in steps:
         diff = f"{diffs[mode]:.1e}" if mode in diffs else "-"
         chosen = "  <- default" if mode == DEFAULT_GRAD_SAMPLE_MODE else ""
-        print(f"{mode:<11}{wall[mode]:>9.3f}{wall[mode] / wall['plain']:>9.2f}{cpu[mode]:>9.3f}"
-              f"{cpu[mode] / cpu['plain']:>9.2f}{diff:>21}{chosen}")
+        print(
+            f"{mode:<11}{wall[mode]:>9.3f}{wall[mode] / wall['plain']:>9.2f}{cpu[mode]:>9.3f}"
+            f"{cpu[mode] / cpu['plain']:>9.2f}{diff:>21}{chosen}"
+        )
     print(f"dp/plain ratio: {cpu[DEFAULT_GRAD_SAMPLE_MODE] / cpu['plain']:.2f}")
 
 
@@ -151,8 +176,10 @@ def _time(steps: dict[str, Callable[[], None]], *, rounds: int, n: int) -> tuple
                 step()
             cpu[mode].append((time.thread_time() - c) / n * 1e3)
             wall[mode].append((time.perf_counter() - w) / n * 1e3)
-    return ({m: statistics.median(t) for m, t in wall.items()},
-            {m: statistics.median(t) for m, t in cpu.items()})
+    return (
+        {m: statistics.median(t) for m, t in wall.items()},
+        {m: statistics.median(t) for m, t in cpu.items()},
+    )
 
 
 if __name__ == "__main__":

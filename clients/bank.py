@@ -33,7 +33,7 @@ class BankData:
     feature_names: tuple[str, ...]
 
     def stats_vector(self) -> np.ndarray:
-        """Means of x and x^2 per feature (clipped) and the fraud rate over the train window, for the stats round."""
+        """Means of x and x^2 per feature (clipped) and the train-window fraud rate, for the stats round."""
         x = np.clip(self.x_train.astype(np.float64), -STATS_CLIP, STATS_CLIP)
         if len(x) == 0:
             return np.zeros(2 * x.shape[1] + 1)
@@ -44,17 +44,24 @@ class BankData:
         return fraud_metrics(self.y_test, scores, card_ids=self.test_cards, days=self.test_days)
 
 
-def _frame(path: str, features: tuple[str, ...] | None, columns: tuple[tuple[str, str], ...]) -> tuple[
-        pd.DataFrame, list[str]]:
+def _frame(
+    path: str, features: tuple[str, ...] | None, columns: tuple[tuple[str, str], ...]
+) -> tuple[pd.DataFrame, list[str]]:
     if features is not None:
-        return load_feature_table(path, features=list(features), label="is_fraud", time="timestamp",
-                                  columns=dict(columns))
+        return load_feature_table(
+            path, features=list(features), label="is_fraud", time="timestamp", columns=dict(columns)
+        )
     return load_transactions(path, columns=dict(columns)), list(LOCAL_FEATURES)
 
 
 @functools.lru_cache(maxsize=64)
-def _load_cached(path: str, mtime: float, split: SplitConfig, features: tuple[str, ...] | None,
-                 columns: tuple[tuple[str, str], ...]) -> BankData:
+def _load_cached(
+    path: str,
+    mtime: float,
+    split: SplitConfig,
+    features: tuple[str, ...] | None,
+    columns: tuple[tuple[str, str], ...],
+) -> BankData:
     frame, names = _frame(path, features, columns)
     if features is None:
         x = compute_local_features(frame, delay_days=split.delay_days)[names].to_numpy(np.float32)
@@ -66,16 +73,24 @@ def _load_cached(path: str, mtime: float, split: SplitConfig, features: tuple[st
     dated = pd.api.types.is_datetime64_any_dtype(frame["timestamp"]) and "card_id" in frame.columns
     test = frame.loc[windows.test]
     return BankData(
-        x_train=x[windows.train], y_train=y[windows.train], x_test=x[windows.test], y_test=y[windows.test],
+        x_train=x[windows.train],
+        y_train=y[windows.train],
+        x_test=x[windows.test],
+        y_test=y[windows.test],
         test_cards=test["card_id"].to_numpy() if dated else None,
         test_days=test["timestamp"].dt.floor("D").to_numpy() if dated else None,
         feature_names=tuple(names),
     )
 
 
-def load_bank(path: str | Path, *, split: SplitConfig, features: tuple[str, ...] | None = None,
-              columns: dict[str, str] | None = None) -> BankData:
-    """Read a bank's file, compute its local features and cut its windows (cached while the file is unchanged)."""
+def load_bank(
+    path: str | Path,
+    *,
+    split: SplitConfig,
+    features: tuple[str, ...] | None = None,
+    columns: dict[str, str] | None = None,
+) -> BankData:
+    """Read a bank's file, featurize it and cut its windows (cached while the file is unchanged)."""
     p = Path(path)
     mtime = p.stat().st_mtime if p.exists() else 0.0
     return _load_cached(str(p), mtime, split, features, tuple(sorted((columns or {}).items())))

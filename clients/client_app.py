@@ -46,10 +46,16 @@ class BankSettings:
 
 
 class BankClient(NumPyClient):
-    """One bank: trains and evaluates the global model on its own rows; its privacy ledger lives in context.state."""
+    """One bank: trains and evaluates the global model on its own rows; its ledger lives in context.state."""
 
-    def __init__(self, context: Context, config: FedFraudConfig, bank: int, data: BankData,
-                 ledger: BankLedger | None = None) -> None:
+    def __init__(
+        self,
+        context: Context,
+        config: FedFraudConfig,
+        bank: int,
+        data: BankData,
+        ledger: BankLedger | None = None,
+    ) -> None:
         self.context, self.config, self.bank, self.data = context, config, bank, data
         self.ledger_file = ledger
         if BANK_STATE not in context.state.config_records and ledger is not None:
@@ -67,9 +73,16 @@ class BankClient(NumPyClient):
             scales = np.asarray(parameters[0], dtype=np.float64)
             return [self.data.stats_vector() / scales], len(self.data.y_train), {}
         spec = FeatureSpec.from_json(str(config[KEY_SPEC]))
-        outcome = train_round(self.data, parameters, spec, self.config, bank=self.bank, state=self._ledger(),
-                              proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)),
-                              seed=self.config.train.seed + 1000 * int(config.get(KEY_ROUND, 0)) + self.bank)
+        outcome = train_round(
+            self.data,
+            parameters,
+            spec,
+            self.config,
+            bank=self.bank,
+            state=self._ledger(),
+            proximal_mu=float(config.get(KEY_PROXIMAL_MU, 0.0)),
+            seed=self.config.train.seed + 1000 * int(config.get(KEY_ROUND, 0)) + self.bank,
+        )
         if outcome.state:
             self.context.state.config_records[BANK_STATE] = ConfigRecord(outcome.state)
             if self.ledger_file is not None:
@@ -83,8 +96,11 @@ class BankClient(NumPyClient):
         spec = FeatureSpec.from_json(str(config[KEY_SPEC]))
         loss, metrics = evaluate_round(self.data, parameters, spec, self.config)
         ledger = self._ledger() or {}
-        extra = {"bank": self.bank, "epsilon": float(ledger.get("dp-epsilon-spent", 0.0)),
-                 "dp-steps": int(sum(ledger.get("dp-history-steps", []) or [0]))}
+        extra = {
+            "bank": self.bank,
+            "epsilon": float(ledger.get("dp-epsilon-spent", 0.0)),
+            "dp-steps": int(sum(ledger.get("dp-history-steps", []) or [0])),
+        }
         return float(loss) if np.isfinite(loss) else 0.0, len(self.data.y_test), {**metrics, **extra}
 
 
@@ -102,8 +118,12 @@ def make_client_app(settings: BankSettings) -> ClientApp:
     def client_fn(context: Context) -> Client:
         logging.getLogger("flwr").setLevel(logging.WARNING)
         bank, path = settings.banks[int(context.node_config["partition-id"])]
-        data = load_bank(path, split=settings.config.split, features=settings.features, columns=settings.columns)
-        ledger = BankLedger(Path(settings.ledger_dir) / f"bank_{bank:03d}.json") if settings.ledger_dir else None
+        data = load_bank(
+            path, split=settings.config.split, features=settings.features, columns=settings.columns
+        )
+        ledger = (
+            BankLedger(Path(settings.ledger_dir) / f"bank_{bank:03d}.json") if settings.ledger_dir else None
+        )
         return BankClient(context, settings.config, bank, data, ledger).to_client()
 
     return ClientApp(client_fn=client_fn, mods=_client_mods(settings.config))
@@ -114,8 +134,12 @@ def _deployed_client(context: Context) -> Client:
     config = parse_config(dict(context.run_config))
     node = context.node_config
     features = tuple(str(node["features"]).split(",")) if node.get("features") else None
-    data = load_bank(str(node["data-path"]), split=config.split, features=features,
-                     columns=parse_columns(str(node.get("columns", "")) or None))
+    data = load_bank(
+        str(node["data-path"]),
+        split=config.split,
+        features=features,
+        columns=parse_columns(str(node.get("columns", "")) or None),
+    )
     ledger = BankLedger(Path(str(node["ledger-path"]))) if node.get("ledger-path") else None
     return BankClient(context, config, int(node.get("bank-id", 0)), data, ledger).to_client()
 

@@ -25,15 +25,18 @@ class BankLedger:
         try:
             return dict(json.loads(self.path.read_text())["state"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{self.path}: unreadable privacy ledger ({exc}); refusing to reset the budget") from exc
+            raise ValueError(
+                f"{self.path}: unreadable privacy ledger ({exc}); refusing to reset the budget"
+            ) from exc
 
     def save(self, state: dict[str, Any], *, declined: bool) -> None:
         """Record the state after a round (atomically: a crash never leaves half a ledger)."""
         entries = []
         if self.path.exists():
             entries = json.loads(self.path.read_text()).get("rounds", [])
-        entries.append({"time": time.time(), "declined": declined,
-                        "epsilon": float(state.get("dp-epsilon-spent", 0.0))})
+        entries.append(
+            {"time": time.time(), "declined": declined, "epsilon": float(state.get("dp-epsilon-spent", 0.0))}
+        )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps({"state": state, "rounds": entries}, indent=1))

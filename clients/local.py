@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 class UpdateCheckError(ValueError):
-    """A bank's update is not fit to be masked and sent (non-finite, wrong shape, or outside the SecAgg+ range)."""
+    """A bank's update is unfit to be masked and sent (non-finite, mis-shaped, beyond SecAgg+'s range)."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,10 @@ def check_update(weights: Sequence[np.ndarray], reference: Sequence[np.ndarray])
         if not np.isfinite(w).all():
             raise UpdateCheckError(f"update array {i}: has NaN or infinite values")
         if np.abs(w).max(initial=0.0) > CLIPPING_RANGE:
-            raise UpdateCheckError(f"update array {i}: |value| {np.abs(w).max():.2f} exceeds the SecAgg+ "
-                                   f"clipping range {CLIPPING_RANGE}")
+            raise UpdateCheckError(
+                f"update array {i}: |value| {np.abs(w).max():.2f} exceeds the SecAgg+ "
+                f"clipping range {CLIPPING_RANGE}"
+            )
 
 
 def _model(config: FedFraudConfig, n_features: int, weights: Sequence[np.ndarray]) -> torch.nn.Module:
@@ -64,33 +66,61 @@ def _model(config: FedFraudConfig, n_features: int, weights: Sequence[np.ndarray
     return model
 
 
-def train_round(data: BankData, weights: Sequence[np.ndarray], spec: FeatureSpec, config: FedFraudConfig, *,
-                bank: int, state: Mapping[str, Any] | None, proximal_mu: float = 0.0,
-                seed: int = 0) -> RoundOutcome:
-    """Train the global model on this bank's train window under its privacy step (or decline if over budget)."""
+def train_round(
+    data: BankData,
+    weights: Sequence[np.ndarray],
+    spec: FeatureSpec,
+    config: FedFraudConfig,
+    *,
+    bank: int,
+    state: Mapping[str, Any] | None,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+) -> RoundOutcome:
+    """Train the global model on this bank's train window under its privacy step (or decline, over budget)."""
     n, train = len(data.y_train), config.train
     fed, privacy = config.federation, config.privacy
     planned = max(1, math.ceil(fed.rounds * fed.fraction_fit))
-    step = make_privacy_step(enabled=privacy.dp, epsilon=privacy.epsilon_for(bank), delta=privacy.dp_delta,
-                             max_grad_norm=privacy.dp_max_grad_norm, n_examples=max(n, 1),
-                             batch_size=min(train.batch_size, max(n, 1)), local_epochs=train.local_epochs,
-                             planned_rounds=planned, state=state)
-    steps = steps_per_round(n_examples=max(n, 1), batch_size=min(train.batch_size, max(n, 1)),
-                            local_epochs=train.local_epochs)
+    step = make_privacy_step(
+        enabled=privacy.dp,
+        epsilon=privacy.epsilon_for(bank),
+        delta=privacy.dp_delta,
+        max_grad_norm=privacy.dp_max_grad_norm,
+        n_examples=max(n, 1),
+        batch_size=min(train.batch_size, max(n, 1)),
+        local_epochs=train.local_epochs,
+        planned_rounds=planned,
+        state=state,
+    )
+    steps = steps_per_round(
+        n_examples=max(n, 1), batch_size=min(train.batch_size, max(n, 1)), local_epochs=train.local_epochs
+    )
     if n == 0 or not step.admits(steps=steps):
-        logger.warning("bank %s declines this round: %s", bank,
-                       "no training rows" if n == 0 else f"budget epsilon={privacy.epsilon_for(bank)} would be "
-                       f"exceeded (spent {step.spent():.3f})")
+        logger.warning(
+            "bank %s declines this round: %s",
+            bank,
+            "no training rows"
+            if n == 0
+            else f"budget epsilon={privacy.epsilon_for(bank)} would be exceeded (spent {step.spent():.3f})",
+        )
         return RoundOutcome(weights=None, examples=0, epsilon=step.spent(), state=dict(step.state()))
     model = _model(config, len(spec.names), weights)
-    loader = make_loader(spec.transform(data.x_train), data.y_train, batch_size=min(train.batch_size, n), seed=seed)
+    loader = make_loader(
+        spec.transform(data.x_train), data.y_train, batch_size=min(train.batch_size, n), seed=seed
+    )
     optimizer = make_optimizer(model, lr=privacy.learning_rate(train.lr), weight_decay=train.weight_decay)
     private_model, private_opt, private_loader = step.wrap(model, optimizer, loader)
     global_tensors = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     try:
-        stats = train_epochs(private_model, private_opt, private_loader, epochs=train.local_epochs,
-                             pos_weight=train.pos_weight or pos_weight_for(data.y_train), proximal_mu=proximal_mu,
-                             global_weights=global_tensors)
+        stats = train_epochs(
+            private_model,
+            private_opt,
+            private_loader,
+            epochs=train.local_epochs,
+            pos_weight=train.pos_weight or pos_weight_for(data.y_train),
+            proximal_mu=proximal_mu,
+            global_weights=global_tensors,
+        )
     except PrivacyBudgetExhausted as exc:  # steps already taken are spent: keep the ledger, send nothing
         logger.warning("bank %s stops mid-round: %s", bank, exc)
         return RoundOutcome(weights=None, examples=0, epsilon=step.spent(), state=dict(step.state()))
@@ -100,8 +130,9 @@ def train_round(data: BankData, weights: Sequence[np.ndarray], spec: FeatureSpec
     return RoundOutcome(weights=new, examples=n, epsilon=step.spent(), state=ledger, loss=stats.loss)
 
 
-def evaluate_round(data: BankData, weights: Sequence[np.ndarray], spec: FeatureSpec,
-                   config: FedFraudConfig) -> tuple[float, dict[str, float]]:
+def evaluate_round(
+    data: BankData, weights: Sequence[np.ndarray], spec: FeatureSpec, config: FedFraudConfig
+) -> tuple[float, dict[str, float]]:
     """Loss and fraud metrics of the global model on this bank's test window."""
     if len(data.y_test) == 0:
         return math.nan, {}

@@ -1,4 +1,4 @@
-"""Flower client mods around the bank's ClientApp: SecAgg+ when the server asks for it, and no plaintext leaks."""
+"""Flower client mods around the bank's ClientApp: SecAgg+ when the server asks for it, no plaintext leaks."""
 
 from __future__ import annotations
 

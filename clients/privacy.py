@@ -46,8 +46,15 @@ if TYPE_CHECKING:  # Flower's value type, so that ConfigRecord(step.state()) typ
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DPSGD", "NoPrivacy", "PrivacyBudgetExhausted", "PrivacyStep", "epsilon_of",
-           "make_privacy_step", "steps_per_round"]
+__all__ = [
+    "DPSGD",
+    "NoPrivacy",
+    "PrivacyBudgetExhausted",
+    "PrivacyStep",
+    "epsilon_of",
+    "make_privacy_step",
+    "steps_per_round",
+]
 
 History = list[tuple[float, float, int]]
 ACCOUNTANTS = ("rdp", "prv")  # Opacus' "gdp" is an approximation, not an upper bound: refused
@@ -65,8 +72,9 @@ class PrivacyStep(Protocol):
         """Whether `steps` more DP steps stay within the budget."""
         ...
 
-    def wrap(self, model: nn.Module, optimizer: Optimizer,
-             loader: DataLoader) -> tuple[nn.Module, Optimizer, DataLoader]:
+    def wrap(
+        self, model: nn.Module, optimizer: Optimizer, loader: DataLoader
+    ) -> tuple[nn.Module, Optimizer, DataLoader]:
         """Make (model, optimizer, loader) private for this round."""
         ...
 
@@ -90,8 +98,9 @@ class NoPrivacy:
         _check_count("steps", steps, minimum=0)
         return True
 
-    def wrap(self, model: nn.Module, optimizer: Optimizer,
-             loader: DataLoader) -> tuple[nn.Module, Optimizer, DataLoader]:
+    def wrap(
+        self, model: nn.Module, optimizer: Optimizer, loader: DataLoader
+    ) -> tuple[nn.Module, Optimizer, DataLoader]:
         """Return the inputs unchanged."""
         return model, optimizer, loader
 
@@ -111,9 +120,18 @@ class DPSGD:
     norm may differ (the bank's data grew, say): sigma stays, and the history accounts each rate exactly.
     """
 
-    def __init__(self, *, epsilon: float, delta: float, max_grad_norm: float, sample_rate: float,
-                 planned_steps: int, accountant: str = "rdp", state: Mapping[str, Any] | None = None,
-                 grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE) -> None:
+    def __init__(
+        self,
+        *,
+        epsilon: float,
+        delta: float,
+        max_grad_norm: float,
+        sample_rate: float,
+        planned_steps: int,
+        accountant: str = "rdp",
+        state: Mapping[str, Any] | None = None,
+        grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+    ) -> None:
         self.epsilon = _check_number("epsilon", epsilon)
         self.delta = _check_number("delta", delta, upper=1.0)
         self.max_grad_norm = _check_number("max_grad_norm", max_grad_norm)
@@ -122,8 +140,9 @@ class DPSGD:
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
-                             f"got {grad_sample_mode!r}")
+            raise ValueError(
+                f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {grad_sample_mode!r}"
+            )
         self.accountant_name = accountant
         self.grad_sample_mode = grad_sample_mode
         self._accountant = create_accountant(mechanism=accountant)
@@ -133,8 +152,11 @@ class DPSGD:
         else:
             self.noise_multiplier, history = restored
             self._accountant.load_state_dict({"history": history, "mechanism": accountant})
-            logger.debug("restored DP-SGD state: sigma %.4f, %d steps so far",
-                         self.noise_multiplier, sum(k for _, _, k in history))
+            logger.debug(
+                "restored DP-SGD state: sigma %.4f, %d steps so far",
+                self.noise_multiplier,
+                sum(k for _, _, k in history),
+            )
 
     def _calibrate(self) -> float:
         """Return the sigma that spends (epsilon, delta) over the planned steps at the sample rate."""
@@ -142,14 +164,26 @@ class DPSGD:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
                 sigma = get_noise_multiplier(
-                    target_epsilon=self.epsilon, target_delta=self.delta, sample_rate=self.sample_rate,
-                    steps=self.planned_steps, accountant=self.accountant_name,
-                    epsilon_tolerance=min(0.01, 0.005 * self.epsilon))
+                    target_epsilon=self.epsilon,
+                    target_delta=self.delta,
+                    sample_rate=self.sample_rate,
+                    steps=self.planned_steps,
+                    accountant=self.accountant_name,
+                    epsilon_tolerance=min(0.01, 0.005 * self.epsilon),
+                )
         except ValueError as exc:
-            raise ValueError(f"epsilon {self.epsilon} is too small for {self.planned_steps} steps at "
-                             f"sample rate {self.sample_rate:.4g} (delta {self.delta:g}): {exc}") from exc
-        logger.info("calibrated DP-SGD: sigma %.4f for epsilon %g, delta %g, %d steps at sample rate %.4g",
-                    sigma, self.epsilon, self.delta, self.planned_steps, self.sample_rate)
+            raise ValueError(
+                f"epsilon {self.epsilon} is too small for {self.planned_steps} steps at "
+                f"sample rate {self.sample_rate:.4g} (delta {self.delta:g}): {exc}"
+            ) from exc
+        logger.info(
+            "calibrated DP-SGD: sigma %.4f for epsilon %g, delta %g, %d steps at sample rate %.4g",
+            sigma,
+            self.epsilon,
+            self.delta,
+            self.planned_steps,
+            self.sample_rate,
+        )
         return float(sigma)
 
     def _epsilon_after(self, steps: int) -> float:
@@ -173,27 +207,45 @@ class DPSGD:
             lo, hi = (mid, hi) if self.admits(steps=mid) else (lo, mid)
         return lo
 
-    def wrap(self, model: nn.Module, optimizer: Optimizer,
-             loader: DataLoader) -> tuple[nn.Module, Optimizer, DataLoader]:
+    def wrap(
+        self, model: nn.Module, optimizer: Optimizer, loader: DataLoader
+    ) -> tuple[nn.Module, Optimizer, DataLoader]:
         """Make (model, optimizer, loader) private for this round."""
         loader_rate = 1.0 / len(loader)
         if not math.isclose(loader_rate, self.sample_rate, rel_tol=_SAME_RTOL):
-            raise ValueError(f"the loader has {len(loader)} batches, so Opacus samples at rate "
-                             f"{loader_rate:.6g}, but sample_rate is {self.sample_rate:.6g}: build the "
-                             "loader with the batch size and rows the privacy step was made for")
+            raise ValueError(
+                f"the loader has {len(loader)} batches, so Opacus samples at rate "
+                f"{loader_rate:.6g}, but sample_rate is {self.sample_rate:.6g}: build the "
+                "loader with the batch size and rows the privacy step was made for"
+            )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             engine = PrivacyEngine(accountant=self.accountant_name)
         engine.accountant = self._accountant  # the restored one: this round's steps add to its history
         private, dp_optimizer, dp_loader = make_private(
-            engine, module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-            grad_sample_mode=self.grad_sample_mode)
-        dp_optimizer.attach_step_hook(BudgetGuard(
-            dp_optimizer.step_hook, admissible=lambda limit: self.admissible_steps(limit=limit),
-            chunk=len(dp_loader), describe=lambda: f"epsilon {self.epsilon} (spent {self.spent():.4f})"))
-        logger.debug("wrapped for DP-SGD (%s): sigma %.4f, C %g, sample rate %.4g",
-                     self.grad_sample_mode, self.noise_multiplier, self.max_grad_norm, self.sample_rate)
+            engine,
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            grad_sample_mode=self.grad_sample_mode,
+        )
+        dp_optimizer.attach_step_hook(
+            BudgetGuard(
+                dp_optimizer.step_hook,
+                admissible=lambda limit: self.admissible_steps(limit=limit),
+                chunk=len(dp_loader),
+                describe=lambda: f"epsilon {self.epsilon} (spent {self.spent():.4f})",
+            )
+        )
+        logger.debug(
+            "wrapped for DP-SGD (%s): sigma %.4f, C %g, sample rate %.4g",
+            self.grad_sample_mode,
+            self.noise_multiplier,
+            self.max_grad_norm,
+            self.sample_rate,
+        )
         return private, dp_optimizer, dp_loader
 
     def spent(self) -> float:
@@ -225,8 +277,9 @@ class DPSGD:
 @functools.lru_cache(maxsize=256)
 def _rdp_per_step(sigma: float, rate: float) -> tuple[float, ...]:
     """Return the RDP of one subsampled Gaussian step at Opacus' default orders (cached: it is slow)."""
-    return tuple(rdp_analysis.compute_rdp(q=rate, noise_multiplier=sigma, steps=1,
-                                          orders=RDPAccountant.DEFAULT_ALPHAS))
+    return tuple(
+        rdp_analysis.compute_rdp(q=rate, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    )
 
 
 def epsilon_of(history: History, *, delta: float, accountant: str = "rdp") -> float:
@@ -255,8 +308,9 @@ def _check_count(name: str, value: int, *, minimum: int) -> int:
 def _check_number(name: str, value: float, *, upper: float = math.inf, closed: bool = False) -> float:
     ok = _finite(value) and value > 0 and (value <= upper if closed else value < upper)
     if not ok:
-        raise ValueError(f"{name} must be a finite number in (0, {upper}{']' if closed else ')'}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be a finite number in (0, {upper}{']' if closed else ')'}, got {value!r}"
+        )
     return float(value)
 
 
@@ -264,8 +318,9 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _restore(state: Mapping[str, Any], *, epsilon: float, delta: float,
-             accountant: str) -> tuple[float, History] | None:
+def _restore(
+    state: Mapping[str, Any], *, epsilon: float, delta: float, accountant: str
+) -> tuple[float, History] | None:
     """Return (sigma, history) from a persisted state, None if it holds no DP-SGD state."""
     present = [k for k in _RESTORED_KEYS if k in state]
     if not present:
@@ -276,22 +331,35 @@ def _restore(state: Mapping[str, Any], *, epsilon: float, delta: float,
     for key, expected in (("dp-epsilon", epsilon), ("dp-delta", delta)):
         stored = state[key]
         if not _finite(stored) or not math.isclose(stored, expected, rel_tol=_SAME_RTOL):
-            raise ValueError(f"privacy state key '{key}' is {stored!r} but {expected!r} was requested: "
-                             "a bank cannot change its privacy budget mid-run (start a new run instead)")
+            raise ValueError(
+                f"privacy state key '{key}' is {stored!r} but {expected!r} was requested: "
+                "a bank cannot change its privacy budget mid-run (start a new run instead)"
+            )
     if state["dp-accountant"] != accountant:
-        raise ValueError(f"privacy state key 'dp-accountant' is {state['dp-accountant']!r} but "
-                         f"{accountant!r} was requested")
+        raise ValueError(
+            f"privacy state key 'dp-accountant' is {state['dp-accountant']!r} but "
+            f"{accountant!r} was requested"
+        )
     sigma = state["dp-sigma"]
     if not _finite(sigma) or sigma <= 0:
         raise ValueError(f"privacy state key 'dp-sigma' must be a positive number, got {sigma!r}")
     sigmas, rates, steps = (list(state[k]) for k in _HISTORY_KEYS)
     if not len(sigmas) == len(rates) == len(steps):
-        raise ValueError("privacy state keys 'dp-history-sigma', 'dp-history-rate', 'dp-history-steps' "
-                         f"have different lengths ({len(sigmas)}, {len(rates)}, {len(steps)})")
+        raise ValueError(
+            "privacy state keys 'dp-history-sigma', 'dp-history-rate', 'dp-history-steps' "
+            f"have different lengths ({len(sigmas)}, {len(rates)}, {len(steps)})"
+        )
     history = []
     for s, q, k in zip(sigmas, rates, steps, strict=True):
-        if not (_finite(s) and s > 0 and _finite(q) and 0 < q <= 1
-                and isinstance(k, int) and not isinstance(k, bool) and k > 0):
+        if not (
+            _finite(s)
+            and s > 0
+            and _finite(q)
+            and 0 < q <= 1
+            and isinstance(k, int)
+            and not isinstance(k, bool)
+            and k > 0
+        ):
             raise ValueError(f"privacy state key 'dp-history-*' has an invalid entry ({s!r}, {q!r}, {k!r})")
         history.append((float(s), float(q), int(k)))
     return float(sigma), history
@@ -305,17 +373,33 @@ def steps_per_round(*, n_examples: int, batch_size: int, local_epochs: int) -> i
     return local_epochs * math.ceil(n_examples / batch_size)
 
 
-def make_privacy_step(*, enabled: bool, epsilon: float, delta: float, max_grad_norm: float, n_examples: int,
-                      batch_size: int, local_epochs: int, planned_rounds: int,
-                      state: Mapping[str, Any] | None) -> PrivacyStep:
+def make_privacy_step(
+    *,
+    enabled: bool,
+    epsilon: float,
+    delta: float,
+    max_grad_norm: float,
+    n_examples: int,
+    batch_size: int,
+    local_epochs: int,
+    planned_rounds: int,
+    state: Mapping[str, Any] | None,
+) -> PrivacyStep:
     """Build this round's privacy step: DPSGD (state restored) when enabled, else NoPrivacy."""
     if not enabled:
         if state is not None and "dp-sigma" in state:
-            raise ValueError("privacy state key 'dp-sigma' is present but DP is disabled: a bank cannot "
-                             "switch DP-SGD off mid-run")
+            raise ValueError(
+                "privacy state key 'dp-sigma' is present but DP is disabled: a bank cannot "
+                "switch DP-SGD off mid-run"
+            )
         return NoPrivacy()
     per_round = steps_per_round(n_examples=n_examples, batch_size=batch_size, local_epochs=local_epochs)
     rounds = _check_count("planned_rounds", planned_rounds, minimum=1)
-    return DPSGD(epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm,
-                 sample_rate=1.0 / math.ceil(n_examples / batch_size), planned_steps=rounds * per_round,
-                 state=state)
+    return DPSGD(
+        epsilon=epsilon,
+        delta=delta,
+        max_grad_norm=max_grad_norm,
+        sample_rate=1.0 / math.ceil(n_examples / batch_size),
+        planned_steps=rounds * per_round,
+        state=state,
+    )

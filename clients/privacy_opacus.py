@@ -58,13 +58,17 @@ def _trainable_layers(module: nn.Module) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for name, sub in module.named_modules():
         if any(True for _ in sub.buffers(recurse=False)):
-            raise UnsupportedModelError(f"layer '{name}' ({type(sub).__name__}) has buffers: "
-                                        "per-sample gradients are undefined (use LayerNorm, not BatchNorm)")
+            raise UnsupportedModelError(
+                f"layer '{name}' ({type(sub).__name__}) has buffers: "
+                "per-sample gradients are undefined (use LayerNorm, not BatchNorm)"
+            )
         if not any(p.requires_grad for p in sub.parameters(recurse=False)):
             continue
         if not isinstance(sub, nn.Linear | nn.LayerNorm):
-            raise UnsupportedModelError(f"layer '{name}' ({type(sub).__name__}) is not supported by "
-                                        "grad_sample_mode 'fused' (Linear, LayerNorm only); use 'hooks'")
+            raise UnsupportedModelError(
+                f"layer '{name}' ({type(sub).__name__}) is not supported by "
+                "grad_sample_mode 'fused' (Linear, LayerNorm only); use 'hooks'"
+            )
         layers.append(sub)
     return layers
 
@@ -79,8 +83,9 @@ class FusedClipper:
     def __init__(self, module: nn.Module, *, max_grad_norm: float) -> None:
         self.max_grad_norm = float(max_grad_norm)
         self._layers = _trainable_layers(module)
-        self._params = [p for layer in self._layers for p in layer.parameters(recurse=False)
-                        if p.requires_grad]
+        self._params = [
+            p for layer in self._layers for p in layer.parameters(recurse=False) if p.requires_grad
+        ]
         self._sizes = [p.numel() for p in self._params]
         self._flat: Tensor | None = None  # all clipped sums in one buffer; each p.grad is a view of it
         self._views: list[Tensor] = []
@@ -93,7 +98,8 @@ class FusedClipper:
             previous.remove()
         _CLIPPERS[module] = self
         self._handles: list[RemovableHandle] = [
-            layer.register_forward_hook(self._on_forward) for layer in self._layers]
+            layer.register_forward_hook(self._on_forward) for layer in self._layers
+        ]
         logger.debug("fused per-sample clipping (C=%g) on %d layers", self.max_grad_norm, len(self._layers))
 
     def bind(self, optimizer: Any) -> None:
@@ -109,9 +115,11 @@ class FusedClipper:
             return
         activation = inputs[0]
         if activation.dim() != 2:
-            raise UnsupportedModelError(f"{type(layer).__name__} got input of shape "
-                                        f"{tuple(activation.shape)}; grad_sample_mode 'fused' needs "
-                                        "2-D (rows, features)")
+            raise UnsupportedModelError(
+                f"{type(layer).__name__} got input of shape "
+                f"{tuple(activation.shape)}; grad_sample_mode 'fused' needs "
+                "2-D (rows, features)"
+            )
         output.register_hook(partial(self._on_backprop, layer, activation.detach()))
 
     def _on_backprop(self, layer: nn.Module, activation: Tensor, grad: Tensor) -> None:
@@ -125,11 +133,14 @@ class FusedClipper:
         """Compute per-sample norms, clip coefficients and write the clipped sums into p.grad."""
         records, self._records, self._queued = self._records, [], False
         if self._fresh:
-            raise DPStepError("two backward passes without optimizer.step(): gradient accumulation "
-                              "is not supported under Poisson sampling")
+            raise DPStepError(
+                "two backward passes without optimizer.step(): gradient accumulation "
+                "is not supported under Poisson sampling"
+            )
         if len({id(layer) for layer, _, _ in records}) != len(records):
-            raise UnsupportedModelError("a layer ran twice in one forward pass (weight tying): "
-                                        "use grad_sample_mode 'hooks'")
+            raise UnsupportedModelError(
+                "a layer ran twice in one forward pass (weight tying): use grad_sample_mode 'hooks'"
+            )
         inputs, sq = _squared_norms(records)
         n = sq.shape[0]
         # Per-sample gradients of the mean loss are n * g_i x_i^T: clip their norms at C, then sum.
@@ -157,12 +168,15 @@ class FusedClipper:
         """Return the buffer of this backward pass's clipped sums (the p.grad views), marking it used."""
         flat = self._flat
         if not self._fresh or flat is None:
-            raise DPStepError("optimizer.step() without a backward pass through the private model "
-                              "(model in eval mode or under no_grad?): gradients are not clipped")
+            raise DPStepError(
+                "optimizer.step() without a backward pass through the private model "
+                "(model in eval mode or under no_grad?): gradients are not clipped"
+            )
         self._fresh, self._flat = False, None
         if any(p.grad is not view for p, view in zip(self._params, self._views, strict=True)):
-            raise DPStepError("a gradient was replaced between backward and optimizer.step(): "
-                              "it would not be noised")
+            raise DPStepError(
+                "a gradient was replaced between backward and optimizer.step(): it would not be noised"
+            )
         return flat
 
     def remove(self) -> None:
@@ -212,12 +226,26 @@ class FusedDPOptimizer(DPOptimizerFastGradientClipping):
     (budget guard, accountant) before the wrapped optimizer's step.
     """
 
-    def __init__(self, optimizer: Optimizer, *, clipper: FusedClipper, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int, generator: Any = None,
-                 secure_mode: bool = False) -> None:
-        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch_size, loss_reduction="mean",
-                         generator=generator, secure_mode=secure_mode)
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        clipper: FusedClipper,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        generator: Any = None,
+        secure_mode: bool = False,
+    ) -> None:
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=generator,
+            secure_mode=secure_mode,
+        )
         self.clipper = clipper
         clipper.bind(self)
 
@@ -226,8 +254,12 @@ class FusedDPOptimizer(DPOptimizerFastGradientClipping):
         flat = self.clipper.consume()
         if self._step_skip_queue:
             raise DPStepError("virtual steps (BatchMemoryManager) are not supported by 'fused'")
-        noise = _generate_noise(std=self.noise_multiplier * self.max_grad_norm, reference=flat,
-                                generator=self.generator, secure_mode=self.secure_mode)
+        noise = _generate_noise(
+            std=self.noise_multiplier * self.max_grad_norm,
+            reference=flat,
+            generator=self.generator,
+            secure_mode=self.secure_mode,
+        )
         flat.add_(noise).div_(float(self.expected_batch_size * self.accumulated_iterations))
         if self.step_hook:
             self.step_hook(self)
@@ -244,8 +276,14 @@ class BudgetGuard:
     `admissible(limit)`, how many more steps (<= limit) fit the budget, is asked once per `chunk` steps.
     """
 
-    def __init__(self, inner: Callable[[Any], None] | None, *, admissible: Callable[[int], int],
-                 chunk: int, describe: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        inner: Callable[[Any], None] | None,
+        *,
+        admissible: Callable[[int], int],
+        chunk: int,
+        describe: Callable[[], str],
+    ) -> None:
         self._inner, self._admissible, self._describe = inner, admissible, describe
         self._chunk = max(1, chunk)
         self._left = 0
@@ -255,8 +293,9 @@ class BudgetGuard:
         if self._left == 0:
             self._left = self._admissible(self._chunk)
             if self._left == 0:
-                raise PrivacyBudgetExhausted(f"one more DP-SGD step would exceed {self._describe()}: "
-                                             "the update was not applied")
+                raise PrivacyBudgetExhausted(
+                    f"one more DP-SGD step would exceed {self._describe()}: the update was not applied"
+                )
         if self._inner is not None:
             self._inner(optimizer)
         self._left -= 1
@@ -269,37 +308,58 @@ def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
     return generator
 
 
-def make_private(engine: PrivacyEngine, *, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
-                 noise_multiplier: float, max_grad_norm: float,
-                 grad_sample_mode: str) -> tuple[nn.Module, DPOptimizer, DataLoader]:
+def make_private(
+    engine: PrivacyEngine,
+    *,
+    module: nn.Module,
+    optimizer: Optimizer,
+    data_loader: DataLoader,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    grad_sample_mode: str,
+) -> tuple[nn.Module, DPOptimizer, DataLoader]:
     """Run `engine.make_private` (Poisson sampling, mean loss, entropy-seeded) in the grad-sample mode."""
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
-                         f"got {grad_sample_mode!r}")
+        raise ValueError(
+            f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {grad_sample_mode!r}"
+        )
     device = next(iter(module.parameters()), torch.empty(0)).device  # noise is drawn where the params are
-    common: dict[str, Any] = {"data_loader": data_loader, "noise_multiplier": noise_multiplier,
-                              "max_grad_norm": max_grad_norm, "poisson_sampling": True,
-                              "noise_generator": entropy_generator(device)}
+    common: dict[str, Any] = {
+        "data_loader": data_loader,
+        "noise_multiplier": noise_multiplier,
+        "max_grad_norm": max_grad_norm,
+        "poisson_sampling": True,
+        "noise_generator": entropy_generator(device),
+    }
     if grad_sample_mode != "fused":
         private, dp_optimizer, loader = engine.make_private(
-            module=module, optimizer=optimizer, grad_sample_mode=grad_sample_mode, **common)
+            module=module, optimizer=optimizer, grad_sample_mode=grad_sample_mode, **common
+        )
         return private, dp_optimizer, _reseed_sampler(loader)
     clipper = FusedClipper(module, max_grad_norm=max_grad_norm)  # refuses unsupported models first
     # Opacus' ghost mode builds what the fused mode keeps (Poisson loader, expected batch size, noise
     # generator, accountant hook); its second-backward hooks are removed and its optimizer re-typed.
     try:
         gsm, ghost_optimizer, _criterion, loader = engine.make_private(
-            module=module, optimizer=optimizer, criterion=nn.BCEWithLogitsLoss(), grad_sample_mode="ghost",
-            **common)
+            module=module,
+            optimizer=optimizer,
+            criterion=nn.BCEWithLogitsLoss(),
+            grad_sample_mode="ghost",
+            **common,
+        )
     except Exception:
         clipper.remove()
         raise
     gsm.to_standard_module()
     fused = FusedDPOptimizer(
-        ghost_optimizer.original_optimizer, clipper=clipper,
-        noise_multiplier=ghost_optimizer.noise_multiplier, max_grad_norm=ghost_optimizer.max_grad_norm,
-        expected_batch_size=ghost_optimizer.expected_batch_size, generator=ghost_optimizer.generator,
-        secure_mode=ghost_optimizer.secure_mode)
+        ghost_optimizer.original_optimizer,
+        clipper=clipper,
+        noise_multiplier=ghost_optimizer.noise_multiplier,
+        max_grad_norm=ghost_optimizer.max_grad_norm,
+        expected_batch_size=ghost_optimizer.expected_batch_size,
+        generator=ghost_optimizer.generator,
+        secure_mode=ghost_optimizer.secure_mode,
+    )
     fused.attach_step_hook(ghost_optimizer.step_hook)
     return module, fused, _reseed_sampler(loader)
 

@@ -130,8 +130,9 @@ def read_defaults(path: Path = PYPROJECT) -> dict[str, Any]:
         raise ConfigError(f"{path}: has no [tool.flwr.app.config] table") from exc
 
 
-def _value(raw: Mapping[str, Any], key: str, kind: Callable[[Any], T], check: Callable[[T], bool],
-           expect: str) -> T:
+def _value(
+    raw: Mapping[str, Any], key: str, kind: Callable[[Any], T], check: Callable[[T], bool], expect: str
+) -> T:
     if key not in raw:
         raise ConfigError(f"config key '{key}' is missing")
     value = raw[key]
@@ -203,15 +204,21 @@ def parse_config(raw: Mapping[str, Any]) -> FedFraudConfig:
     )
     train = TrainConfig(
         model=_value(raw, "model", str, lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
-        hidden_sizes=_value(raw, "hidden-sizes", _sizes, lambda v: all(h > 0 for h in v),
-                            "a comma-separated list of positive layer sizes"),
+        hidden_sizes=_value(
+            raw,
+            "hidden-sizes",
+            _sizes,
+            lambda v: all(h > 0 for h in v),
+            "a comma-separated list of positive layer sizes",
+        ),
         lr=_value(raw, "lr", float, lambda v: 0 < v < 10, "a learning rate in (0, 10)"),
         batch_size=_value(raw, "batch-size", int, pos, "a positive integer"),
         central_epochs=_value(raw, "central-epochs", int, pos, "a positive integer"),
         local_epochs=_value(raw, "local-epochs", int, pos, "a positive integer"),
         weight_decay=_value(raw, "weight-decay", float, nonneg, "a non-negative number"),
-        pos_weight=_value(raw, "pos-weight", _pos_weight, lambda v: v is None or v > 0,
-                          "'auto' or a positive number"),
+        pos_weight=_value(
+            raw, "pos-weight", _pos_weight, lambda v: v is None or v > 0, "'auto' or a positive number"
+        ),
         seed=_value(raw, "seed", int, nonneg, "a non-negative integer"),
     )
     return FedFraudConfig(split=split, train=train, federation=_federation(raw), privacy=_privacy(raw))
@@ -229,12 +236,19 @@ def _federation(raw: Mapping[str, Any]) -> FederationConfig:
         server_lr=_value(raw, "server-lr", float, pos, "a positive number"),
         secagg=_value(raw, "secagg", bool, lambda v: True, "true or false"),
         secagg_num_shares=_value(raw, "secagg-num-shares", int, nonneg, "0 (auto) or a share count > 2"),
-        secagg_reconstruction_threshold=_value(raw, "secagg-reconstruction-threshold", int, nonneg,
-                                               "0 (auto) or a positive integer"),
-        secagg_quantization_range=_value(raw, "secagg-quantization-range", int, lambda v: v >= 2**8,
-                                         "an integer >= 256"),
-        secagg_modulus_range=_value(raw, "secagg-modulus-range", int, lambda v: v >= 2**16 and v & (v - 1) == 0,
-                                    "a power of two >= 65536"),
+        secagg_reconstruction_threshold=_value(
+            raw, "secagg-reconstruction-threshold", int, nonneg, "0 (auto) or a positive integer"
+        ),
+        secagg_quantization_range=_value(
+            raw, "secagg-quantization-range", int, lambda v: v >= 2**8, "an integer >= 256"
+        ),
+        secagg_modulus_range=_value(
+            raw,
+            "secagg-modulus-range",
+            int,
+            lambda v: v >= 2**16 and v & (v - 1) == 0,
+            "a power of two >= 65536",
+        ),
     )
 
 
@@ -246,10 +260,17 @@ def _privacy(raw: Mapping[str, Any]) -> PrivacyConfig:
         dp_delta=_value(raw, "dp-delta", float, lambda v: 0 < v < 1, "a delta in (0, 1)"),
         dp_max_grad_norm=_value(raw, "dp-max-grad-norm", float, pos, "a positive clipping norm"),
         dp_lr=_value(raw, "dp-lr", float, lambda v: 0 < v < 100, "a learning rate in (0, 100)"),
-        dp_bank_epsilon=_value(raw, "dp-bank-epsilon", _bank_epsilons, lambda v: all(e > 0 for e in v.values()),
-                               "a list BANK:EPSILON,... of positive budgets"),
+        dp_bank_epsilon=_value(
+            raw,
+            "dp-bank-epsilon",
+            _bank_epsilons,
+            lambda v: all(e > 0 for e in v.values()),
+            "a list BANK:EPSILON,... of positive budgets",
+        ),
         central_dp=_value(raw, "central-dp", bool, lambda v: True, "true or false"),
-        central_dp_noise=_value(raw, "central-dp-noise", float, lambda v: v >= 0, "a non-negative multiplier"),
+        central_dp_noise=_value(
+            raw, "central-dp-noise", float, lambda v: v >= 0, "a non-negative multiplier"
+        ),
         central_dp_clip=_value(raw, "central-dp-clip", float, pos, "a positive clipping norm"),
     )
 

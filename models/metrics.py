@@ -73,8 +73,9 @@ def recall_at_fpr(labels: ArrayLike, scores: ArrayLike, *, fpr: float = 0.01) ->
     return float(tprs[fprs <= fpr].max())
 
 
-def card_precision_at_k(labels: ArrayLike, scores: ArrayLike, *, card_ids: Column, days: Column,
-                        k: int = 100) -> float:
+def card_precision_at_k(
+    labels: ArrayLike, scores: ArrayLike, *, card_ids: Column, days: Column, k: int = 100
+) -> float:
     """Card precision@k: per day, each card's max score and whether it had any fraud that day; precision among the top k cards; mean over days."""  # noqa: E501
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -97,8 +98,9 @@ def card_precision_at_k(labels: ArrayLike, scores: ArrayLike, *, card_ids: Colum
     return float(per_day.mean())
 
 
-def fraud_metrics(labels: ArrayLike, scores: ArrayLike, *, card_ids: Column | None = None,
-                  days: Column | None = None) -> dict[str, float]:
+def fraud_metrics(
+    labels: ArrayLike, scores: ArrayLike, *, card_ids: Column | None = None, days: Column | None = None
+) -> dict[str, float]:
     """All METRIC_KEYS (cp_at_100 NaN when card_ids/days are None)."""
     if (card_ids is None) != (days is None):
         raise ValueError("pass both card_ids and days (for cp_at_100), or neither")

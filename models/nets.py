@@ -28,8 +28,9 @@ def _check_n_features(n_features: int) -> None:
 class MLP(nn.Module):
     """Multi-layer perceptron: (Linear -> [LayerNorm] -> ReLU) per hidden layer, then Linear(..., 1)."""
 
-    def __init__(self, n_features: int, hidden_sizes: Sequence[int] = (64, 64), *,
-                 layer_norm: bool = False) -> None:
+    def __init__(
+        self, n_features: int, hidden_sizes: Sequence[int] = (64, 64), *, layer_norm: bool = False
+    ) -> None:
         super().__init__()
         _check_n_features(n_features)
         sizes = tuple(hidden_sizes)
@@ -76,8 +77,9 @@ def _seeded_init(model: nn.Module, seed: int) -> None:
                     nn.init.uniform_(module.bias, -bound, bound, generator=gen)
 
 
-def build_model(kind: str, n_features: int, *, hidden_sizes: Sequence[int] = (64, 64),
-                seed: int | None = None) -> nn.Module:
+def build_model(
+    kind: str, n_features: int, *, hidden_sizes: Sequence[int] = (64, 64), seed: int | None = None
+) -> nn.Module:
     """Build the named model ('mlp' or 'logreg') with deterministic init when seed is given."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
@@ -99,14 +101,17 @@ def set_weights(model: nn.Module, weights: Sequence[np.ndarray]) -> None:
     """Copy weights (state_dict order) into the model in place; ValueError names a mismatching entry."""
     state = model.state_dict(keep_vars=True)
     if len(weights) != len(state):
-        raise ValueError(f"weights has {len(weights)} arrays but the model has {len(state)} "
-                         f"({', '.join(state)})")
+        raise ValueError(
+            f"weights has {len(weights)} arrays but the model has {len(state)} ({', '.join(state)})"
+        )
     arrays = []
     for (name, target), value in zip(state.items(), weights, strict=True):
         array = np.asarray(value)
         if tuple(array.shape) != tuple(target.shape):
-            raise ValueError(f"weights for parameter '{name}' have shape {tuple(array.shape)}, "
-                             f"expected {tuple(target.shape)}")
+            raise ValueError(
+                f"weights for parameter '{name}' have shape {tuple(array.shape)}, "
+                f"expected {tuple(target.shape)}"
+            )
         arrays.append(array)
     with torch.no_grad():
         for target, array in zip(state.values(), arrays, strict=True):

@@ -74,8 +74,11 @@ class FeatureStats:
             return NotImplemented
         if other.n_features != self.n_features:
             raise ValueError(f"other has {other.n_features} features, expected {self.n_features}")
-        return FeatureStats(count=self.count + other.count, total=self.total + other.total,
-                            total_sq=self.total_sq + other.total_sq)
+        return FeatureStats(
+            count=self.count + other.count,
+            total=self.total + other.total,
+            total_sq=self.total_sq + other.total_sq,
+        )
 
     def __radd__(self, other: object) -> FeatureStats:
         """Support `sum(stats_list)` (which starts from 0)."""
@@ -94,7 +97,7 @@ class FeatureStats:
         if arr.ndim != 1 or arr.size < 3 or arr.size % 2 == 0:
             raise ValueError(f"v must be a 1-D vector of length 1 + 2*n_features, got shape {arr.shape}")
         n = (arr.size - 1) // 2
-        return cls(count=float(arr[0]), total=arr[1:1 + n], total_sq=arr[1 + n:])
+        return cls(count=float(arr[0]), total=arr[1 : 1 + n], total_sq=arr[1 + n :])
 
 
 def _check_spec(spec: FeatureSpec) -> None:
@@ -154,8 +157,9 @@ class FeatureSpec:
         _check_spec(self)
 
     @classmethod
-    def from_stats(cls, names: Sequence[str], stats: FeatureStats, *, version: str,
-                   delay_days: int) -> FeatureSpec:
+    def from_stats(
+        cls, names: Sequence[str], stats: FeatureStats, *, version: str, delay_days: int
+    ) -> FeatureSpec:
         """Means and population stds from pooled statistics; a std below 1e-6 (constant feature) becomes 1."""
         if len(names) != stats.n_features:
             raise ValueError(f"names has {len(names)} entries but stats has {stats.n_features} features")
@@ -169,8 +173,13 @@ class FeatureSpec:
             flat = [n for n, c in zip(names, constant, strict=True) if c]
             logger.info("constant features (std 1 used): %s", flat)
         std = np.where(constant, 1.0, std)
-        return cls(names=tuple(names), version=version, mean=tuple(mean.tolist()), std=tuple(std.tolist()),
-                   delay_days=delay_days)
+        return cls(
+            names=tuple(names),
+            version=version,
+            mean=tuple(mean.tolist()),
+            std=tuple(std.tolist()),
+            delay_days=delay_days,
+        )
 
     def transform(self, x: np.ndarray | pd.DataFrame) -> np.ndarray:
         """Standardize to float32; a DataFrame is selected by name, an array must be in `names` order."""
@@ -181,8 +190,10 @@ class FeatureSpec:
             x = x[list(self.names)].to_numpy()
         arr = np.asarray(x, dtype=np.float64)
         if arr.ndim != 2 or arr.shape[1] != len(self.names):
-            raise ValueError(f"x must be 2-D with {len(self.names)} columns ({', '.join(self.names)}), "
-                             f"got shape {arr.shape}")
+            raise ValueError(
+                f"x must be 2-D with {len(self.names)} columns ({', '.join(self.names)}), "
+                f"got shape {arr.shape}"
+            )
         return ((arr - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
 
     def to_json(self) -> str:

@@ -35,14 +35,19 @@ def time_split(times: pd.Series, config: SplitConfig, *, test_start: str | None 
 
 def _fraction_split(times: pd.Series, fraction: float) -> Split:
     order = np.argsort(np.asarray(times), kind="stable")
-    n_test = int(round(len(order) * fraction))
+    n_test = round(len(order) * fraction)
     if n_test < 1 or n_test >= len(order):
-        raise ConfigError(f"config key 'test-fraction': {fraction} leaves no train or no test rows "
-                          f"out of {len(order)}")
+        raise ConfigError(
+            f"config key 'test-fraction': {fraction} leaves no train or no test rows out of {len(order)}"
+        )
     test = np.zeros(len(order), dtype=bool)
-    test[order[len(order) - n_test:]] = True
-    desc = {"mode": "fraction", "test-fraction": str(fraction), "train-rows": str(len(order) - n_test),
-            "test-rows": str(n_test)}
+    test[order[len(order) - n_test :]] = True
+    desc = {
+        "mode": "fraction",
+        "test-fraction": str(fraction),
+        "train-rows": str(len(order) - n_test),
+        "test-rows": str(n_test),
+    }
     return Split(train=~test, test=test, description=desc)
 
 
@@ -62,16 +67,28 @@ def _day_split(times: pd.Series, config: SplitConfig, test_start: str | None) ->
     values = ts.to_numpy()
     train = (values >= train_start.to_datetime64()) & (values < train_end.to_datetime64())
     test = (values >= start.to_datetime64()) & (values < end.to_datetime64())
-    desc = {"mode": "days", "train": f"{train_start.date()} .. {(train_end - DAY).date()}",
-            "delay": f"{train_end.date()} .. {(start - DAY).date()}",
-            "test": f"{start.date()} .. {(end - DAY).date()}", "history-from": str(first_day.date())}
+    desc = {
+        "mode": "days",
+        "train": f"{train_start.date()} .. {(train_end - DAY).date()}",
+        "delay": f"{train_end.date()} .. {(start - DAY).date()}",
+        "test": f"{start.date()} .. {(end - DAY).date()}",
+        "history-from": str(first_day.date()),
+    }
     if not train.any():
-        raise ConfigError(f"config key 'train-days': the train window {desc['train']} holds no rows "
-                          f"(data spans {first_day.date()} .. {last_day.date()})")
+        raise ConfigError(
+            f"config key 'train-days': the train window {desc['train']} holds no rows "
+            f"(data spans {first_day.date()} .. {last_day.date()})"
+        )
     if not test.any():
-        raise ConfigError(f"config key 'test-days': the test window {desc['test']} holds no rows "
-                          f"(data spans {first_day.date()} .. {last_day.date()})")
+        raise ConfigError(
+            f"config key 'test-days': the test window {desc['test']} holds no rows "
+            f"(data spans {first_day.date()} .. {last_day.date()})"
+        )
     if train_start < first_day + 30 * DAY:
-        logger.warning("train window starts %s, less than 30 days after the data starts (%s): "
-                       "30-day window features are truncated", train_start.date(), first_day.date())
+        logger.warning(
+            "train window starts %s, less than 30 days after the data starts (%s): "
+            "30-day window features are truncated",
+            train_start.date(),
+            first_day.date(),
+        )
     return Split(train=train, test=test, description=desc, test_start=str(start.date()))

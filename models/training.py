@@ -80,8 +80,9 @@ def _collate_gathered(batch: list[Tensor]) -> tuple[Tensor, ...]:
     return tuple(batch)
 
 
-def make_loader(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int,
-                shuffle: bool = True) -> DataLoader:
+def make_loader(
+    x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int, shuffle: bool = True
+) -> DataLoader:
     """Return a DataLoader of (float32 x, float32 y) batches, shuffled by a generator seeded with seed."""
     xs = _features(x)
     ys = _labels(y, "y")
@@ -91,12 +92,19 @@ def make_loader(x: np.ndarray, y: np.ndarray, *, batch_size: int, seed: int,
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     dataset = _BatchedTensorDataset(torch.from_numpy(xs), torch.from_numpy(ys))
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=_collate_gathered, num_workers=0)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=_collate_gathered,
+        num_workers=0,
+    )
 
 
-def make_optimizer(model: nn.Module, *, name: str = "adam", lr: float,
-                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, *, name: str = "adam", lr: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
     """Return an 'adam' or 'sgd' optimizer over the model's parameters."""
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
@@ -111,8 +119,9 @@ def make_optimizer(model: nn.Module, *, name: str = "adam", lr: float,
     raise ValueError(f"name must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
-def _prox_targets(model: nn.Module, global_weights: Sequence[Tensor] | None,
-                  proximal_mu: float) -> dict[int, Tensor]:
+def _prox_targets(
+    model: nn.Module, global_weights: Sequence[Tensor] | None, proximal_mu: float
+) -> dict[int, Tensor]:
     """Map id(parameter) -> its global value, in `model.parameters()` order (empty when FedProx is off)."""
     if not (math.isfinite(proximal_mu) and proximal_mu >= 0):
         raise ValueError(f"proximal_mu must be a non-negative number, got {proximal_mu!r}")
@@ -122,8 +131,9 @@ def _prox_targets(model: nn.Module, global_weights: Sequence[Tensor] | None,
         raise ValueError("global_weights is required when proximal_mu > 0")
     params = list(model.parameters())
     if len(global_weights) != len(params):
-        raise ValueError(f"global_weights has {len(global_weights)} tensors, the model has "
-                         f"{len(params)} parameters")
+        raise ValueError(
+            f"global_weights has {len(global_weights)} tensors, the model has {len(params)} parameters"
+        )
     targets: dict[int, Tensor] = {}
     for i, (p, g) in enumerate(zip(params, global_weights, strict=True)):
         g_t = torch.as_tensor(g).detach().to(device=p.device, dtype=p.dtype)
@@ -144,9 +154,16 @@ def _proximal_step(optimizer: torch.optim.Optimizer, targets: dict[int, Tensor],
                 p.add_(g, alpha=c).div_(1.0 + c)
 
 
-def train_epochs(model: nn.Module, optimizer: torch.optim.Optimizer,
-                 loader: Iterable[tuple[Tensor, Tensor]], *, epochs: int, pos_weight: float,
-                 proximal_mu: float = 0.0, global_weights: Sequence[Tensor] | None = None) -> TrainStats:
+def train_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    *,
+    epochs: int,
+    pos_weight: float,
+    proximal_mu: float = 0.0,
+    global_weights: Sequence[Tensor] | None = None,
+) -> TrainStats:
     """Run local epochs of weighted-BCE training (optionally FedProx's proximal term) and report mean loss per example."""  # noqa: E501
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -180,9 +197,19 @@ def train_epochs(model: nn.Module, optimizer: torch.optim.Optimizer,
     return TrainStats(loss=mean_loss, examples=examples, steps=steps)
 
 
-def train_model(x: np.ndarray, y: np.ndarray, *, kind: str, hidden_sizes: Sequence[int], epochs: int,
-                batch_size: int, lr: float, weight_decay: float = 0.0, pos_weight: float | None = None,
-                seed: int = 0) -> nn.Module:
+def train_model(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    kind: str,
+    hidden_sizes: Sequence[int],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    pos_weight: float | None = None,
+    seed: int = 0,
+) -> nn.Module:
     """Build and train a model centrally (the baselines' path); pos_weight None = auto from labels."""
     xs = _features(x)
     loader = make_loader(xs, y, batch_size=batch_size, seed=seed)
@@ -191,8 +218,14 @@ def train_model(x: np.ndarray, y: np.ndarray, *, kind: str, hidden_sizes: Sequen
     weight = pos_weight_for(np.asarray(y)) if pos_weight is None else pos_weight
     init_output_bias(model, fraud_rate=float(np.mean(y)), pos_weight=weight)
     stats = train_epochs(model, optimizer, loader, epochs=epochs, pos_weight=weight)
-    logger.info("central %s on %d rows: %d epochs, loss %.5f (pos_weight %.1f)",
-                kind, len(xs), epochs, stats.loss, weight)
+    logger.info(
+        "central %s on %d rows: %d epochs, loss %.5f (pos_weight %.1f)",
+        kind,
+        len(xs),
+        epochs,
+        stats.loss,
+        weight,
+    )
     model.eval()
     return model
 
@@ -207,8 +240,10 @@ def _logits(model: nn.Module, x: np.ndarray, batch_size: int) -> Tensor:
     model.eval()
     try:
         with torch.no_grad():
-            parts = [model(torch.from_numpy(xs[i:i + batch_size]).to(device)).reshape(-1).cpu()
-                     for i in range(0, len(xs), batch_size)]
+            parts = [
+                model(torch.from_numpy(xs[i : i + batch_size]).to(device)).reshape(-1).cpu()
+                for i in range(0, len(xs), batch_size)
+            ]
     finally:
         model.train(was_training)
     return torch.cat(parts) if parts else torch.zeros(0)
@@ -231,5 +266,6 @@ def evaluate_loss(model: nn.Module, x: np.ndarray, y: np.ndarray, *, pos_weight:
         return math.nan
     logits = _logits(model, x, 65536).double()
     loss = F.binary_cross_entropy_with_logits(
-        logits, torch.from_numpy(ys).double(), pos_weight=torch.tensor(pos_weight, dtype=torch.float64))
+        logits, torch.from_numpy(ys).double(), pos_weight=torch.tensor(pos_weight, dtype=torch.float64)
+    )
     return float(loss)

@@ -34,7 +34,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
-    """Write the round's weights and state (each file atomically; the JSON last, so it names complete weights)."""
+    """Write the round's weights and state (each file atomically; the JSON last, naming complete weights)."""
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {f"w{i}": w for i, w in enumerate(checkpoint.weights)}
     for name, values in checkpoint.strategy_state.items():
@@ -43,13 +43,21 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
 
     def write_npz(tmp: Path) -> None:
         with tmp.open("wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
 
     _atomic_write(weights_path, write_npz)
-    state = {"round": checkpoint.round, "weights": weights_path.name, "n_weights": len(checkpoint.weights),
-             "strategy_state": {k: len(v) for k, v in checkpoint.strategy_state.items()},
-             "spec": json.loads(checkpoint.spec_json), "ledger": checkpoint.ledger, "history": checkpoint.history}
-    _atomic_write(directory / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(state, indent=1, default=float)))
+    state = {
+        "round": checkpoint.round,
+        "weights": weights_path.name,
+        "n_weights": len(checkpoint.weights),
+        "strategy_state": {k: len(v) for k, v in checkpoint.strategy_state.items()},
+        "spec": json.loads(checkpoint.spec_json),
+        "ledger": checkpoint.ledger,
+        "history": checkpoint.history,
+    }
+    _atomic_write(
+        directory / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(state, indent=1, default=float))
+    )
     logger.info("checkpoint: round %d -> %s", checkpoint.round, directory)
     return weights_path
 
@@ -63,10 +71,19 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         state = json.loads(state_path.read_text())
         with np.load(directory / state["weights"]) as npz:
             weights = [npz[f"w{i}"] for i in range(int(state["n_weights"]))]
-            strategy = {name: [npz[f"s_{name}_{i}"] for i in range(count)]
-                        for name, count in state["strategy_state"].items()}
+            strategy = {
+                name: [npz[f"s_{name}_{i}"] for i in range(count)]
+                for name, count in state["strategy_state"].items()
+            }
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{state_path}: unreadable checkpoint ({exc}); move it away to start afresh") from exc
-    return Checkpoint(round=int(state["round"]), weights=weights, spec_json=json.dumps(state["spec"]),
-                      ledger={str(k): float(v) for k, v in state["ledger"].items()}, strategy_state=strategy,
-                      history=list(state.get("history", [])))
+        raise ValueError(
+            f"{state_path}: unreadable checkpoint ({exc}); move it away to start afresh"
+        ) from exc
+    return Checkpoint(
+        round=int(state["round"]),
+        weights=weights,
+        spec_json=json.dumps(state["spec"]),
+        ledger={str(k): float(v) for k, v in state["ledger"].items()},
+        strategy_state=strategy,
+        history=list(state.get("history", [])),
+    )

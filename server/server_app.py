@@ -2,7 +2,8 @@
 
 Flower wiring only. SecAgg+ exists only in the legacy API, so rounds run as `DefaultWorkflow` over a
 `LegacyContext`: a statistics round (secure mean of the banks' feature moments, for consortium-wide
-standardization), then training rounds with evaluation, a checkpoint after every round, resume from the last one.
+standardization), then training rounds with evaluation, a checkpoint after every round, and resume
+from the last one.
 """
 
 from __future__ import annotations
@@ -68,15 +69,21 @@ def stats_round(grid: Grid, context: Context, settings: ServerSettings) -> Featu
         q = 2 ** int(math.log2((settings.config.federation.secagg_modulus_range - 1) // settings.n_banks))
         params = choose_secagg(settings.n_banks, settings.config.federation, max_weight=settings.max_weight)
         params = SecAggParams(**{**params.workflow_kwargs(), "quantization_range": q})
-    workflow = DefaultWorkflow(fit_workflow=_fit_workflow(settings, params), evaluate_workflow=lambda g, c: None)
+    workflow = DefaultWorkflow(
+        fit_workflow=_fit_workflow(settings, params), evaluate_workflow=lambda g, c: None
+    )
     workflow(grid, LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy))
     if "stats_mean" not in settings.sink:
         raise FederationError("the secure statistics round produced no result (too few banks answered)")
     moments = np.asarray(settings.sink["stats_mean"], dtype=np.float64)
-    stats = FeatureStats(count=1.0, total=moments[:n_features], total_sq=moments[n_features:2 * n_features])
+    stats = FeatureStats(count=1.0, total=moments[:n_features], total_sq=moments[n_features : 2 * n_features])
     settings.sink["fraud_rate"] = float(np.clip(moments[-1], 1e-6, 0.5))
-    return FeatureSpec.from_stats(settings.feature_names, stats, version=settings.feature_version,
-                                  delay_days=settings.config.split.delay_days)
+    return FeatureSpec.from_stats(
+        settings.feature_names,
+        stats,
+        version=settings.feature_version,
+        delay_days=settings.config.split.delay_days,
+    )
 
 
 def _wrap_central_dp(strategy: Strategy, config: FedFraudConfig, n_per_round: int) -> Strategy:
@@ -85,17 +92,25 @@ def _wrap_central_dp(strategy: Strategy, config: FedFraudConfig, n_per_round: in
         return strategy
     std = privacy.central_dp_noise * privacy.central_dp_clip / n_per_round
     if n_per_round < 100:
-        logger.warning("client-level DP with %d banks per round adds noise of std %.3g to every weight; "
-                       "below ~100 banks per round this usually ruins the model", n_per_round, std)
-    return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier=privacy.central_dp_noise,
-                                                      clipping_norm=privacy.central_dp_clip,
-                                                      num_sampled_clients=n_per_round)
+        logger.warning(
+            "client-level DP with %d banks per round adds noise of std %.3g to every weight; "
+            "below ~100 banks per round this usually ruins the model",
+            n_per_round,
+            std,
+        )
+    return DifferentialPrivacyClientSideFixedClipping(
+        strategy,
+        noise_multiplier=privacy.central_dp_noise,
+        clipping_norm=privacy.central_dp_clip,
+        num_sampled_clients=n_per_round,
+    )
 
 
 def initial_weights(config: FedFraudConfig, n_features: int, fraud_rate: float) -> list[np.ndarray]:
     """The first global model, its output bias at the (loss-weighted) consortium fraud rate."""
-    model = build_model(config.train.model, n_features, hidden_sizes=config.train.hidden_sizes,
-                        seed=config.train.seed)
+    model = build_model(
+        config.train.model, n_features, hidden_sizes=config.train.hidden_sizes, seed=config.train.seed
+    )
     pos_weight = config.train.pos_weight or (1 - fraud_rate) / fraud_rate  # 'auto' balances the classes
     init_output_bias(model, fraud_rate=fraud_rate, pos_weight=pos_weight)
     return get_weights(model)
@@ -126,16 +141,26 @@ class RoundRecorder:
             self.history.append({k: v for k, v in record.items() if k != "weights"})
             self._checkpoint(round_no)
             if self.settings.on_progress is not None:
-                self.settings.on_progress(f"federated round {round_no}/{self.settings.config.federation.rounds}")
+                self.settings.on_progress(
+                    f"federated round {round_no}/{self.settings.config.federation.rounds}"
+                )
 
     def _checkpoint(self, round_no: int) -> None:
         if self.settings.checkpoint_dir is None:
             return
         inner = getattr(self.strategy, "strategy", self.strategy)
         state = {k: list(getattr(inner, k)) for k in ("m_t", "v_t") if getattr(inner, k, None) is not None}
-        save_checkpoint(self.settings.checkpoint_dir, Checkpoint(
-            round=round_no, weights=self.weights, spec_json=self.spec_json, ledger=self.ledger,
-            strategy_state=state, history=self.history))
+        save_checkpoint(
+            self.settings.checkpoint_dir,
+            Checkpoint(
+                round=round_no,
+                weights=self.weights,
+                spec_json=self.spec_json,
+                ledger=self.ledger,
+                strategy_state=state,
+                history=self.history,
+            ),
+        )
 
 
 def run_federation(grid: Grid, context: Context, settings: ServerSettings) -> None:
@@ -157,14 +182,17 @@ def run_federation(grid: Grid, context: Context, settings: ServerSettings) -> No
     recorder.weights = list(initial)
     n_per_round = max(1, round(fed.fraction_fit * settings.n_banks))
     secagg = choose_secagg(n_per_round, fed, max_weight=settings.max_weight) if fed.secagg else None
-    strategy = build_strategy(config, initial, n_banks=settings.n_banks, spec_json=spec_json,
-                              on_round=recorder, round_offset=done)
+    strategy = build_strategy(
+        config, initial, n_banks=settings.n_banks, spec_json=spec_json, on_round=recorder, round_offset=done
+    )
     if start is not None and start.strategy_state:
         for name, values in start.strategy_state.items():
             setattr(strategy, name, values)
     strategy = _wrap_central_dp(strategy, config, n_per_round)
     recorder.strategy = strategy
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds - done), strategy=strategy)
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=fed.rounds - done), strategy=strategy
+    )
     DefaultWorkflow(fit_workflow=_fit_workflow(settings, secagg))(grid, legacy)
 
 
@@ -187,6 +215,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     """Deployment (`flwr run`): settings from the run config; every connected bank takes part."""
     config = parse_config(dict(context.run_config))
     nodes = list(grid.get_node_ids())
-    settings = ServerSettings(config=config, n_banks=len(nodes), feature_names=LOCAL_FEATURES,
-                              feature_version=FEATURE_VERSION)
+    settings = ServerSettings(
+        config=config, n_banks=len(nodes), feature_names=LOCAL_FEATURES, feature_version=FEATURE_VERSION
+    )
     run_federation(grid, context, settings)

@@ -1,5 +1,6 @@
-"""Server strategies: FedAvg / FedProx / FedAdam with an aggregate guard and per-bank bookkeeping,
-and the secure-mean strategy of the standardization statistics round.
+"""Server strategies: guarded FedAvg / FedProx / FedAdam, and the secure mean of the statistics round.
+
+The guard discards an aggregate that is non-finite or beyond the clipping bound and records each round.
 """
 
 from __future__ import annotations
@@ -52,14 +53,16 @@ class GuardedMixin:
     current: list[np.ndarray]
     _started: float
 
-    def configure_fit(self, server_round: int, parameters: Parameters,
-                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
         """Sample banks and stamp the real round number (resumed runs continue their count)."""
         self._started = time.perf_counter()
         return super().configure_fit(server_round, parameters, client_manager)  # type: ignore[misc]
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
-                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Aggregate (under SecAgg+ every result already carries the masked mean) and guard the result."""
         round_no = server_round + self.round_offset
         info: dict[str, Any] = {"round": round_no, "results": len(results), "failures": len(failures)}
@@ -68,7 +71,11 @@ class GuardedMixin:
             self.on_round(round_no, info)
             return None, {}
         params, metrics = super().aggregate_fit(server_round, results, failures)  # type: ignore[misc]
-        reason = "no aggregate" if params is None else check_aggregate(parameters_to_ndarrays(params), self.current)
+        reason = (
+            "no aggregate"
+            if params is None
+            else check_aggregate(parameters_to_ndarrays(params), self.current)
+        )
         if reason is not None:
             logger.error("round %d: aggregate discarded, the global model is kept: %s", round_no, reason)
             info["discarded"] = reason
@@ -79,17 +86,27 @@ class GuardedMixin:
         self.on_round(round_no, {**info, "weights": self.current})
         return params, metrics
 
-    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
-                           failures: list[Any]) -> tuple[float | None, dict[str, Scalar]]:
+    def aggregate_evaluate(
+        self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list[Any]
+    ) -> tuple[float | None, dict[str, Scalar]]:
         """Collect each bank's test metrics and epsilon for the round's record."""
-        banks = {str(int(r.metrics.get("bank", -1))): {**r.metrics, "loss": r.loss, "examples": r.num_examples}
-                 for _, r in results}
+        banks = {
+            str(int(r.metrics.get("bank", -1))): {**r.metrics, "loss": r.loss, "examples": r.num_examples}
+            for _, r in results
+        }
         self.on_round(server_round + self.round_offset, {"banks": banks, "evaluate_failures": len(failures)})
         return super().aggregate_evaluate(server_round, results, failures)  # type: ignore[misc]
 
 
-def build_strategy(config: FedFraudConfig, initial: list[np.ndarray], *, n_banks: int, spec_json: str,
-                   on_round: RoundHook, round_offset: int = 0) -> Strategy:
+def build_strategy(
+    config: FedFraudConfig,
+    initial: list[np.ndarray],
+    *,
+    n_banks: int,
+    spec_json: str,
+    on_round: RoundHook,
+    round_offset: int = 0,
+) -> Strategy:
     """The configured strategy (FedAvg, FedProx or FedAdam) with the guard, round offset and fit config."""
     fed = config.federation
     base = BASES[fed.strategy]
@@ -100,11 +117,16 @@ def build_strategy(config: FedFraudConfig, initial: list[np.ndarray], *, n_banks
         return {TASK: TASK_TRAIN, KEY_ROUND: server_round + round_offset, KEY_SPEC: spec_json}
 
     kwargs: dict[str, Any] = {
-        "fraction_fit": fed.fraction_fit, "fraction_evaluate": 1.0,
-        "min_fit_clients": min(max(fed.min_fit_banks, per_round), n_banks), "min_evaluate_clients": n_banks,
-        "min_available_clients": n_banks, "initial_parameters": ndarrays_to_parameters(initial),
-        "on_fit_config_fn": fit_config, "on_evaluate_config_fn": lambda r: {KEY_SPEC: spec_json},
-        "fit_metrics_aggregation_fn": lambda _: {}, "evaluate_metrics_aggregation_fn": lambda _: {},
+        "fraction_fit": fed.fraction_fit,
+        "fraction_evaluate": 1.0,
+        "min_fit_clients": min(max(fed.min_fit_banks, per_round), n_banks),
+        "min_evaluate_clients": n_banks,
+        "min_available_clients": n_banks,
+        "initial_parameters": ndarrays_to_parameters(initial),
+        "on_fit_config_fn": fit_config,
+        "on_evaluate_config_fn": lambda r: {KEY_SPEC: spec_json},
+        "fit_metrics_aggregation_fn": lambda _: {},
+        "evaluate_metrics_aggregation_fn": lambda _: {},
     }
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
@@ -119,19 +141,26 @@ class SecureMeanStrategy(FedAvg):
     """One fit round whose aggregate is the example-weighted mean of the banks' statistics vectors."""
 
     def __init__(self, *, scales: np.ndarray, n_banks: int, sink: dict[str, Any]) -> None:
-        super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n_banks,
-                         min_available_clients=n_banks, initial_parameters=ndarrays_to_parameters([scales]),
-                         fit_metrics_aggregation_fn=lambda _: {})
+        super().__init__(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=n_banks,
+            min_available_clients=n_banks,
+            initial_parameters=ndarrays_to_parameters([scales]),
+            fit_metrics_aggregation_fn=lambda _: {},
+        )
         self.scales, self.sink = scales, sink
 
-    def configure_fit(self, server_round: int, parameters: Parameters,
-                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
         """Send the public scales with the statistics task."""
         pairs = super().configure_fit(server_round, parameters, client_manager)
         return [(client, FitIns(parameters, {TASK: TASK_STATS})) for client, _ in pairs]
 
-    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
-                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Scalar]]:
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Keep the weighted mean (rescaled); never an individual bank's vector under SecAgg+."""
         self.sink["stats_results"] = len(results)
         params, _ = super().aggregate_fit(server_round, results, failures)
@@ -139,7 +168,8 @@ class SecureMeanStrategy(FedAvg):
             self.sink["stats_mean"] = parameters_to_ndarrays(params)[0] * self.scales
         return params, {}
 
-    def configure_evaluate(self, server_round: int, parameters: Parameters,
-                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """No evaluation in the statistics round."""
         return []

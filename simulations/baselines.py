@@ -1,4 +1,4 @@
-"""Baselines on the same split: central with pooled features, central with siloed features, each bank alone."""
+"""Baselines on one split: central with pooled features, central with siloed features, each bank alone."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from models.training import predict_scores, train_model
 from simulations.dataset import Prepared
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class MethodResult:
@@ -40,9 +41,18 @@ def _central(x: np.ndarray, data: Prepared, config: TrainConfig) -> np.ndarray:
     train, test = data.split.train, data.split.test
     x_train, x_test = standardize(x[train], x[test])
     y_train = data.rows["is_fraud"].to_numpy()[train].astype(np.float32)
-    model = train_model(x_train, y_train, kind=config.model, hidden_sizes=config.hidden_sizes,
-                        epochs=config.central_epochs, batch_size=config.batch_size, lr=config.lr,
-                        weight_decay=config.weight_decay, pos_weight=config.pos_weight, seed=config.seed)
+    model = train_model(
+        x_train,
+        y_train,
+        kind=config.model,
+        hidden_sizes=config.hidden_sizes,
+        epochs=config.central_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        pos_weight=config.pos_weight,
+        seed=config.seed,
+    )
     return predict_scores(model, x_test)
 
 
@@ -72,10 +82,18 @@ def local(data: Prepared, fed_config: FedFraudConfig) -> np.ndarray:
             scores[test_banks == bank] = 0.0
             continue
         x_train, x_test = standardize(data.siloed[train], data.siloed[test])
-        model = train_model(x_train, y[train], kind=config.model, hidden_sizes=config.hidden_sizes,
-                            epochs=config.central_epochs, batch_size=config.batch_size, lr=config.lr,
-                            weight_decay=config.weight_decay, pos_weight=config.pos_weight,
-                            seed=config.seed + bank)
+        model = train_model(
+            x_train,
+            y[train],
+            kind=config.model,
+            hidden_sizes=config.hidden_sizes,
+            epochs=config.central_epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            pos_weight=config.pos_weight,
+            seed=config.seed + bank,
+        )
         scores[test_banks == bank] = predict_scores(model, x_test)
     return scores
 

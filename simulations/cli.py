@@ -26,7 +26,9 @@ from simulations.generate import GeneratorConfig, generate_consortium, write_con
 from simulations.harness import simulate as run_simulate
 from simulations.report import COLUMNS, LABELS, comparison_rows, render_results_dir
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fraud detection for bank consortia.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Federated fraud detection for bank consortia."
+)
 console = Console(stderr=True)
 out_console = Console()
 
@@ -49,8 +51,9 @@ def generate(
     with console.status("generating transactions"):
         frame = generate_consortium(config)
         manifest = write_consortium(frame, out, fmt=fmt, pooled=pooled, config=config)
-    console.print(f"{len(frame):,} transactions, fraud rate {frame['is_fraud'].mean():.3%}, "
-                  f"{banks} banks -> {manifest}")
+    console.print(
+        f"{len(frame):,} transactions, fraud rate {frame['is_fraud'].mean():.3%}, {banks} banks -> {manifest}"
+    )
 
 
 ENGINES = ("flower", "none")
@@ -74,7 +77,9 @@ def _overrides(**values: Any) -> dict[str, Any]:
 def simulate(
     data: Annotated[Path, Opt(help="A pooled CSV/Parquet file, or a directory of bank files.")],
     out: Annotated[Path, Opt(help="Results directory.")],
-    columns: Annotated[str | None, Opt(help="Column mapping, e.g. timestamp=TX_DATETIME,card_id=CUSTOMER_ID.")] = None,
+    columns: Annotated[
+        str | None, Opt(help="Column mapping, e.g. timestamp=TX_DATETIME,card_id=CUSTOMER_ID.")
+    ] = None,
     features: Annotated[str | None, Opt(help="Feature-table mode: COL,COL,... or auto.")] = None,
     label: Annotated[str | None, Opt(help="Feature-table mode: the label column.")] = None,
     time: Annotated[str | None, Opt(help="Feature-table mode: the time column.")] = None,
@@ -85,10 +90,14 @@ def simulate(
     delay_days: Annotated[int | None, Opt(help="Label delay window in days.")] = None,
     test_days: Annotated[int | None, Opt(help="Test window in days.")] = None,
     test_start: Annotated[str | None, Opt(help="First day of the test window (YYYY-MM-DD).")] = None,
-    test_fraction: Annotated[float | None, Opt(help="Test on the latest fraction of rows instead of days.")] = None,
+    test_fraction: Annotated[
+        float | None, Opt(help="Test on the latest fraction of rows instead of days.")
+    ] = None,
     model: Annotated[str | None, Opt(help="mlp or logreg.")] = None,
     epochs: Annotated[int | None, Opt(help="Epochs of the central and local baselines.")] = None,
-    engine: Annotated[str, Opt(help="Federated engine: flower (Flower simulation on Ray) or none.")] = "flower",
+    engine: Annotated[
+        str, Opt(help="Federated engine: flower (Flower simulation on Ray) or none.")
+    ] = "flower",
     rounds: Annotated[int | None, Opt(help="Federated rounds.")] = None,
     local_epochs: Annotated[int | None, Opt(help="Local epochs per round at each bank.")] = None,
     strategy: Annotated[str | None, Opt(help="fedavg, fedprox or fedadam.")] = None,
@@ -104,19 +113,44 @@ def simulate(
     overwrite: Annotated[bool, Opt(help="Replace an existing results directory.")] = False,
 ) -> None:
     """Run the experiment on research data: baselines and federated training on one split; write results."""
-    config = load_config(_overrides(train_days=train_days, delay_days=delay_days, test_days=test_days,
-                                    test_fraction=test_fraction, test_start=test_start, model=model,
-                                    central_epochs=epochs, seed=seed, rounds=rounds, local_epochs=local_epochs,
-                                    strategy=strategy, dp=dp, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
-                                    secagg=secagg, central_dp=central_dp))
-    source = DataSource(path=data, columns=parse_columns(columns), features=features, label=label, time=time,
-                        partition=partition, banks=banks, seed=config.train.seed)
-    options = EngineOptions(num_cpus=num_cpus, num_gpus=num_gpus, ray_address=ray_address,
-                            checkpoint_dir=checkpoint_dir)
+    config = load_config(
+        _overrides(
+            train_days=train_days,
+            delay_days=delay_days,
+            test_days=test_days,
+            test_fraction=test_fraction,
+            test_start=test_start,
+            model=model,
+            central_epochs=epochs,
+            seed=seed,
+            rounds=rounds,
+            local_epochs=local_epochs,
+            strategy=strategy,
+            dp=dp,
+            dp_epsilon=dp_epsilon,
+            dp_delta=dp_delta,
+            secagg=secagg,
+            central_dp=central_dp,
+        )
+    )
+    source = DataSource(
+        path=data,
+        columns=parse_columns(columns),
+        features=features,
+        label=label,
+        time=time,
+        partition=partition,
+        banks=banks,
+        seed=config.train.seed,
+    )
+    options = EngineOptions(
+        num_cpus=num_cpus, num_gpus=num_gpus, ray_address=ray_address, checkpoint_dir=checkpoint_dir
+    )
     with console.status("starting") as status:
         methods = _methods(engine, options, status.update)
-        metrics = run_simulate(source, config, out, overwrite=overwrite, methods=methods,
-                               progress=lambda msg: status.update(msg))
+        metrics = run_simulate(
+            source, config, out, overwrite=overwrite, methods=methods, progress=status.update
+        )
     _print_table(metrics)
     console.print(f"results: {out}/report.md")
 
@@ -137,9 +171,14 @@ def demo(
         frame = generate_consortium(gen)
         write_consortium(frame, Path(tmp) / "banks", config=gen)
         status.update(f"{len(frame):,} transactions in {banks} banks")
-        metrics = run_simulate(DataSource(path=Path(tmp) / "banks"), config, out, overwrite=True,
-                               methods=_methods("flower", EngineOptions(), status.update),
-                               progress=lambda msg: status.update(msg))
+        metrics = run_simulate(
+            DataSource(path=Path(tmp) / "banks"),
+            config,
+            out,
+            overwrite=True,
+            methods=_methods("flower", EngineOptions(), status.update),
+            progress=status.update,
+        )
     _print_table(metrics)
     console.print(f"results: {out}/report.md")
 
@@ -164,8 +203,12 @@ def _print_table(metrics: dict[str, Any]) -> None:
 
 def main() -> None:
     """Entry point: run the CLI with clear one-line errors for bad input or configuration."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
     torch.set_num_threads(int(os.environ.get("FEDFRAUD_TORCH_THREADS", "1")))  # small models: 1 is fastest
     for noisy in ("flwr", "ray", "matplotlib", "models", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

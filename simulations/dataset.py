@@ -80,9 +80,12 @@ def bank_files(directory: Path) -> list[tuple[int | None, Path]]:
 def _load_one(path: Path, source: DataSource) -> tuple[pd.DataFrame, list[str]]:
     if source.feature_table:
         spec = source.features or "auto"
-        features: list[str] | str = "auto" if spec == "auto" else [c.strip() for c in spec.split(",") if c.strip()]
-        frame, names = load_feature_table(path, features=features, label=source.label, time=source.time,
-                                          columns=source.columns)
+        features: list[str] | str = (
+            "auto" if spec == "auto" else [c.strip() for c in spec.split(",") if c.strip()]
+        )
+        frame, names = load_feature_table(
+            path, features=features, label=source.label, time=source.time, columns=source.columns
+        )
         return frame, names
     return load_transactions(path, columns=source.columns), list(LOCAL_FEATURES)
 
@@ -90,7 +93,9 @@ def _load_one(path: Path, source: DataSource) -> tuple[pd.DataFrame, list[str]]:
 def load_source(source: DataSource) -> tuple[pd.DataFrame, list[str]]:
     """Read the data into one frame with a `bank_id` for every row, and the feature names."""
     if source.path.is_dir():
-        frames, names, offset = [], [], 0
+        frames: list[pd.DataFrame] = []
+        names: list[str] = []
+        offset = 0
         for index, (bank, path) in enumerate(bank_files(source.path)):
             frame, names = _load_one(path, source)
             frame["bank_id"] = index if bank is None else bank
@@ -104,8 +109,10 @@ def load_source(source: DataSource) -> tuple[pd.DataFrame, list[str]]:
         frame, names = _load_one(source.path, source)
     spec = source.partition or ("column:bank_id" if "bank_id" in frame.columns else None)
     if spec is None:
-        raise ConfigError(f"--partition: {source.path} has no bank_id column; say how to split it into banks "
-                          "(--partition card-hash|zipf|random --banks K, or column:NAME)")
+        raise ConfigError(
+            f"--partition: {source.path} has no bank_id column; say how to split it into banks "
+            "(--partition card-hash|zipf|random --banks K, or column:NAME)"
+        )
     if not (source.path.is_dir() and source.partition is None):
         frame["bank_id"] = partition_banks(frame, spec, banks=source.banks, seed=source.seed)
     return frame.sort_values("timestamp", kind="stable").reset_index(drop=True), names
@@ -115,20 +122,29 @@ def _check_unique_ids(frame: pd.DataFrame, directory: Path) -> None:
     dup = frame["transaction_id"].duplicated(keep=False)
     if dup.any():
         sample = frame.loc[dup, ["bank_id", "transaction_id"]].head(5).to_dict("records")
-        raise DataError(f"{directory}: transaction_id values repeat across bank files, e.g. {sample}",
-                        path=str(directory), column="transaction_id")
+        raise DataError(
+            f"{directory}: transaction_id values repeat across bank files, e.g. {sample}",
+            path=str(directory),
+            column="transaction_id",
+        )
 
 
-def _features(frame: pd.DataFrame, names: list[str], source: DataSource, delay_days: int) -> tuple[
-        np.ndarray, np.ndarray]:
+def _features(
+    frame: pd.DataFrame, names: list[str], source: DataSource, delay_days: int
+) -> tuple[np.ndarray, np.ndarray]:
     if source.feature_table:
         x = frame[names].to_numpy(dtype=np.float32)
         return x, x
     card_key = pd.factorize(pd.MultiIndex.from_arrays([frame["bank_id"], frame["card_id"]]))[0]
-    pooled = compute_local_features(frame.assign(card_key=card_key), delay_days=delay_days,
-                                    card_key="card_key")
-    siloed = pd.concat([compute_local_features(part, delay_days=delay_days)
-                        for _, part in frame.groupby("bank_id", sort=True)])
+    pooled = compute_local_features(
+        frame.assign(card_key=card_key), delay_days=delay_days, card_key="card_key"
+    )
+    siloed = pd.concat(
+        [
+            compute_local_features(part, delay_days=delay_days)
+            for _, part in frame.groupby("bank_id", sort=True)
+        ]
+    )
     siloed = siloed.loc[frame.index]
     return pooled[names].to_numpy(dtype=np.float32), siloed[names].to_numpy(dtype=np.float32)
 
@@ -142,5 +158,12 @@ def prepare(source: DataSource, split_config: SplitConfig) -> Prepared:
     for bank, part in rows.loc[split.train].groupby("bank_id"):
         warn_no_training_frauds(part["is_fraud"], source=f"bank {bank} ({source.path})")
     version = "table-v1" if source.feature_table else FEATURE_VERSION
-    return Prepared(rows=rows, frame=frame, feature_names=tuple(names), pooled=pooled, siloed=siloed, split=split,
-                    feature_version=version)
+    return Prepared(
+        rows=rows,
+        frame=frame,
+        feature_names=tuple(names),
+        pooled=pooled,
+        siloed=siloed,
+        split=split,
+        feature_version=version,
+    )

@@ -31,8 +31,9 @@ def _quiet(_: str) -> None:
     """Progress sink that does nothing."""
 
 
-def run_methods(data: Prepared, config: FedFraudConfig, methods: Mapping[str, Method],
-                progress: Progress = _quiet) -> tuple[dict[str, pd.DataFrame], dict[str, float], dict[str, Any]]:
+def run_methods(
+    data: Prepared, config: FedFraudConfig, methods: Mapping[str, Method], progress: Progress = _quiet
+) -> tuple[dict[str, pd.DataFrame], dict[str, float], dict[str, Any]]:
     """Run each method on the prepared data; return its predictions, wall seconds and per-round details."""
     predictions, seconds, details = {}, {}, {}
     for name, method in methods.items():
@@ -48,11 +49,18 @@ def run_methods(data: Prepared, config: FedFraudConfig, methods: Mapping[str, Me
     return predictions, seconds, details
 
 
-def collect_metrics(data: Prepared, source: DataSource, predictions: Mapping[str, pd.DataFrame],
-                    seconds: Mapping[str, float], details: Mapping[str, Any]) -> dict[str, Any]:
+def collect_metrics(
+    data: Prepared,
+    source: DataSource,
+    predictions: Mapping[str, pd.DataFrame],
+    seconds: Mapping[str, float],
+    details: Mapping[str, Any],
+) -> dict[str, Any]:
     """metrics.json: split, banks, and global and per-bank metrics of every method."""
-    methods = {name: {**method_metrics(pred), "seconds": seconds.get(name), **details.get(name, {})}
-               for name, pred in predictions.items()}
+    methods = {
+        name: {**method_metrics(pred), "seconds": seconds.get(name), **details.get(name, {})}
+        for name, pred in predictions.items()
+    }
     return {
         "data": str(source.path),
         "feature_version": data.feature_version,
@@ -65,8 +73,15 @@ def collect_metrics(data: Prepared, source: DataSource, predictions: Mapping[str
     }
 
 
-def simulate(source: DataSource, config: FedFraudConfig, out: Path, *, overwrite: bool = False,
-             methods: Mapping[str, Method] | None = None, progress: Progress = _quiet) -> dict[str, Any]:
+def simulate(
+    source: DataSource,
+    config: FedFraudConfig,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    methods: Mapping[str, Method] | None = None,
+    progress: Progress = _quiet,
+) -> dict[str, Any]:
     """Run the whole experiment and write the results directory atomically; return metrics.json's content."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")

@@ -13,8 +13,9 @@ logger = logging.getLogger(__name__)
 SCHEMES = ("column:<name>", "card-hash", "zipf", "random")
 
 
-def partition_banks(frame: pd.DataFrame, spec: str, *, banks: int | None, seed: int = 0,
-                    zipf_exponent: float = 1.1) -> np.ndarray:
+def partition_banks(
+    frame: pd.DataFrame, spec: str, *, banks: int | None, seed: int = 0, zipf_exponent: float = 1.1
+) -> np.ndarray:
     """Return each row's bank id (int64) under a partition spec such as `column:bank_id` or `zipf`."""
     if spec.startswith("column:"):
         return _by_column(frame, spec.split(":", 1)[1])
@@ -34,8 +35,13 @@ def partition_banks(frame: pd.DataFrame, spec: str, *, banks: int | None, seed: 
     else:
         bank_of_unit = rng.integers(0, banks, size=len(uniques))
     result = bank_of_unit[codes].astype(np.int64)
-    logger.info("partitioned %d %s into %d banks (%s)", n_units, "cards" if "card_id" in frame else "rows",
-                banks, spec)
+    logger.info(
+        "partitioned %d %s into %d banks (%s)",
+        n_units,
+        "cards" if "card_id" in frame else "rows",
+        banks,
+        spec,
+    )
     return result
 
 
@@ -50,8 +56,10 @@ def _units(frame: pd.DataFrame) -> tuple[pd.Series, int]:
 
 def _by_column(frame: pd.DataFrame, column: str) -> np.ndarray:
     if column not in frame.columns:
-        raise ConfigError(f"--partition: column {column!r} is not in the data (columns: "
-                          f"{', '.join(map(str, frame.columns))})")
+        raise ConfigError(
+            f"--partition: column {column!r} is not in the data (columns: "
+            f"{', '.join(map(str, frame.columns))})"
+        )
     values = frame[column]
     if values.isna().any():
         rows = np.flatnonzero(values.isna().to_numpy())[:5].tolist()

@@ -17,10 +17,19 @@ import pandas as pd
 from sklearn.metrics import precision_recall_curve
 
 logger = logging.getLogger(__name__)
-COLUMNS = (("ap", "AP"), ("roc_auc", "ROC AUC"), ("cp_at_100", "CP@100"), ("recall_at_1pct_fpr", "Recall@1%FPR"))
-LABELS = {"central_pooled": "central, pooled features", "central_siloed": "central, siloed features",
-          "local": "local (each bank alone)", "federated": "federated", "federated_entity":
-          "federated + consortium features"}
+COLUMNS = (
+    ("ap", "AP"),
+    ("roc_auc", "ROC AUC"),
+    ("cp_at_100", "CP@100"),
+    ("recall_at_1pct_fpr", "Recall@1%FPR"),
+)
+LABELS = {
+    "central_pooled": "central, pooled features",
+    "central_siloed": "central, siloed features",
+    "local": "local (each bank alone)",
+    "federated": "federated",
+    "federated_entity": "federated + consortium features",
+}
 
 
 def _fmt(value: Any) -> str:
@@ -48,22 +57,31 @@ def _bank_table(metrics: dict[str, Any]) -> str:
     methods = metrics.get("methods", {})
     names = [m for m, _ in comparison_rows(metrics)]
     banks = metrics.get("banks", {})
-    lines = ["| bank | train rows | train frauds | test frauds | " + " | ".join(names) + " |",
-             "|" + "---|" * (len(names) + 4)]
+    lines = [
+        "| bank | train rows | train frauds | test frauds | " + " | ".join(names) + " |",
+        "|" + "---|" * (len(names) + 4),
+    ]
     for bank, info in banks.items():
         aps = " | ".join(_fmt(methods[m]["banks"].get(bank, {}).get("ap")) for m in names)
-        lines.append(f"| {bank} | {info['train_rows']} | {info['train_frauds']} | {info['test_frauds']} | {aps} |")
+        lines.append(
+            f"| {bank} | {info['train_rows']} | {info['train_frauds']} | {info['test_frauds']} | {aps} |"
+        )
     return "\n".join(lines)
 
 
 def _rounds_table(metrics: dict[str, Any]) -> str:
-    lines = ["| method | round | AP | bank results | max epsilon | seconds | note |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | round | AP | bank results | max epsilon | seconds | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method, values in metrics.get("methods", {}).items():
         for r in values.get("rounds", []):
             eps = max(r.get("ledger", {}).values(), default=0.0)
-            lines.append(f"| {method} | {r['round']} | {_fmt(r.get('global', {}).get('ap'))} | "
-                         f"{r.get('results', 'n/a')} | {eps:.2f} | {r.get('seconds', 'n/a')} | "
-                         f"{r.get('discarded', '')} |")
+            lines.append(
+                f"| {method} | {r['round']} | {_fmt(r.get('global', {}).get('ap'))} | "
+                f"{r.get('results', 'n/a')} | {eps:.2f} | {r.get('seconds', 'n/a')} | "
+                f"{r.get('discarded', '')} |"
+            )
     return "\n".join(lines)
 
 
@@ -109,7 +127,9 @@ def _plot_rounds(metrics: dict[str, Any], out: Path) -> list[str]:
         ax.plot(*zip(*points, strict=True), marker="o", label=LABELS.get(method, method))
     for method, values in metrics.get("baselines", {}).items():
         if values.get("ap") is not None:
-            ax.axhline(values["ap"], linestyle="--", linewidth=1, label=LABELS.get(method, method), color=None)
+            ax.axhline(
+                values["ap"], linestyle="--", linewidth=1, label=LABELS.get(method, method), color=None
+            )
     ax.set(xlabel="round", ylabel="average precision (test window)", title="AP per round")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -119,8 +139,12 @@ def _plot_rounds(metrics: dict[str, Any], out: Path) -> list[str]:
     rounds = next(iter(runs.values()))
     banks = sorted({b for r in rounds for b in r.get("ledger", {})}, key=int)
     for bank in banks:
-        ax.plot([r["round"] for r in rounds], [r.get("ledger", {}).get(bank, 0.0) for r in rounds], marker=".",
-                label=f"bank {bank}")
+        ax.plot(
+            [r["round"] for r in rounds],
+            [r.get("ledger", {}).get(bank, 0.0) for r in rounds],
+            marker=".",
+            label=f"bank {bank}",
+        )
     ax.set(xlabel="round", ylabel="epsilon spent", title="Record-level privacy spent per bank")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -136,14 +160,24 @@ def write_report(out: Path, metrics: dict[str, Any], predictions: dict[str, pd.D
     round_plots = _plot_rounds(metrics, out)
     split = metrics.get("split", {})
     parts = [
-        "# fedfraud results", "",
+        "# fedfraud results",
+        "",
         f"Data: `{metrics.get('data', '')}`; {len(metrics.get('banks', {}))} banks; "
         f"features `{metrics.get('feature_version', '')}`.",
-        "Split: " + ", ".join(f"{k} {v}" for k, v in split.items()), "",
-        "## Comparison (test window, all banks)", "", comparison_table(metrics), "",
-        "![precision-recall](pr_curves.png)", "",
-        "## Average precision per bank", "", _bank_table(metrics), "",
-        "![AP per bank](ap_per_bank.png)", "",
+        "Split: " + ", ".join(f"{k} {v}" for k, v in split.items()),
+        "",
+        "## Comparison (test window, all banks)",
+        "",
+        comparison_table(metrics),
+        "",
+        "![precision-recall](pr_curves.png)",
+        "",
+        "## Average precision per bank",
+        "",
+        _bank_table(metrics),
+        "",
+        "![AP per bank](ap_per_bank.png)",
+        "",
         *(["## Federated rounds", "", _rounds_table(metrics), "", *round_plots] if round_plots else []),
     ]
     path = out / "report.md"

@@ -28,14 +28,16 @@ def predictions_frame(data: Prepared, scores: np.ndarray) -> pd.DataFrame:
     rows = data.rows.loc[data.split.test]
     if len(scores) != len(rows):
         raise ValueError(f"scores: {len(scores)} values for {len(rows)} test rows")
-    return pd.DataFrame({
-        "transaction_id": rows["transaction_id"].to_numpy(),
-        "bank_id": rows["bank_id"].to_numpy(),
-        "card_id": rows["card_id"].to_numpy(),
-        "timestamp": rows["timestamp"].to_numpy(),
-        "score": np.asarray(scores, dtype=np.float64),
-        "label": rows["is_fraud"].to_numpy().astype(np.int8),
-    })
+    return pd.DataFrame(
+        {
+            "transaction_id": rows["transaction_id"].to_numpy(),
+            "bank_id": rows["bank_id"].to_numpy(),
+            "card_id": rows["card_id"].to_numpy(),
+            "timestamp": rows["timestamp"].to_numpy(),
+            "score": np.asarray(scores, dtype=np.float64),
+            "label": rows["is_fraud"].to_numpy().astype(np.int8),
+        }
+    )
 
 
 def _metrics_of(pred: pd.DataFrame) -> dict[str, float]:
@@ -62,9 +64,13 @@ def bank_summary(data: Prepared) -> dict[str, dict[str, int]]:
     for bank in data.banks:
         mask = data.bank_mask(bank)
         train, test = mask & data.split.train, mask & data.split.test
-        out[str(bank)] = {"rows": int(mask.sum()), "train_rows": int(train.sum()),
-                          "train_frauds": int(fraud[train].sum()), "test_rows": int(test.sum()),
-                          "test_frauds": int(fraud[test].sum())}
+        out[str(bank)] = {
+            "rows": int(mask.sum()),
+            "train_rows": int(train.sum()),
+            "train_frauds": int(fraud[train].sum()),
+            "test_rows": int(test.sum()),
+            "test_frauds": int(fraud[test].sum()),
+        }
     return out
 
 
@@ -88,7 +94,7 @@ def write_json(path: Path, payload: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(out: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `out` only if the block completes; nothing is half-written."""
+    """Yield a temporary directory that replaces `out` only if the block completes (nothing half-written)."""
     out = out.resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")

@@ -30,9 +30,19 @@ def test_overrides_apply_and_none_is_skipped():
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("train-days", 0), ("train-days", 2.5), ("train-days", "x"), ("delay-days", -1), ("test-fraction", 1.0),
-     ("model", "xgboost"), ("hidden-sizes", "64,-1"), ("lr", 0), ("batch-size", True), ("pos-weight", "often"),
-     ("lr", float("nan"))],
+    [
+        ("train-days", 0),
+        ("train-days", 2.5),
+        ("train-days", "x"),
+        ("delay-days", -1),
+        ("test-fraction", 1.0),
+        ("model", "xgboost"),
+        ("hidden-sizes", "64,-1"),
+        ("lr", 0),
+        ("batch-size", True),
+        ("pos-weight", "often"),
+        ("lr", float("nan")),
+    ],
 )
 def test_bad_values_are_refused_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):

@@ -83,8 +83,13 @@ def test_dp_ledger_matches_an_independent_accountant_then_resume_declines(consor
         n = int((data.bank_mask(int(bank)) & data.split.train).sum())
         per_round = math.ceil(n / config.train.batch_size)
         rate = 1.0 / per_round
-        sigma = get_noise_multiplier(target_epsilon=2.0, target_delta=config.privacy.dp_delta, sample_rate=rate,
-                                     steps=2 * per_round, accountant="rdp")
+        sigma = get_noise_multiplier(
+            target_epsilon=2.0,
+            target_delta=config.privacy.dp_delta,
+            sample_rate=rate,
+            steps=2 * per_round,
+            accountant="rdp",
+        )
         accountant = RDPAccountant()
         accountant.history = [(sigma, rate, 2 * per_round)]
         assert eps == pytest.approx(accountant.get_epsilon(config.privacy.dp_delta), rel=1e-6)

@@ -43,8 +43,9 @@ RF_LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1])
 RF_SCORES = np.array([0.95, 0.5, 0.3, 0.1, 0.9, 0.8, 0.6, 0.2])
 
 
-@pytest.mark.parametrize(("fpr", "expected"),
-                         [(0.2, 0.0), (0.25, 0.75), (0.5, 0.75), (0.75, 1.0), (1.0, 1.0)])
+@pytest.mark.parametrize(
+    ("fpr", "expected"), [(0.2, 0.0), (0.25, 0.75), (0.5, 0.75), (0.75, 1.0), (1.0, 1.0)]
+)
 def test_recall_at_fpr_by_hand(fpr, expected):
     assert recall_at_fpr(RF_LABELS, RF_SCORES, fpr=fpr) == pytest.approx(expected)
 
@@ -63,20 +64,25 @@ def test_recall_at_default_one_percent_fpr():
 # Day 1: card A has transactions (0.9, legit) and (0.1, fraud) -> card score 0.9, fraudulent that day;
 #        card B (0.8, legit) -> 0.8, legit; card C (0.3, fraud) -> 0.3, fraudulent.
 # Day 2: only card D (0.6, fraud).
-CP = pd.DataFrame({
-    "day": [1, 1, 1, 1, 2],
-    "card": ["A", "A", "B", "C", "D"],
-    "label": [0, 1, 0, 1, 1],
-    "score": [0.9, 0.1, 0.8, 0.3, 0.6],
-})
+CP = pd.DataFrame(
+    {
+        "day": [1, 1, 1, 1, 2],
+        "card": ["A", "A", "B", "C", "D"],
+        "label": [0, 1, 0, 1, 1],
+        "score": [0.9, 0.1, 0.8, 0.3, 0.6],
+    }
+)
 
 
-@pytest.mark.parametrize(("k", "expected"), [
-    (1, 1.0),        # day 1 top card A (fraud) -> 1; day 2 D -> 1
-    (2, 0.75),       # day 1 top A, B -> 1/2; day 2 has one card, D -> 1/1; mean 3/4
-    (3, 5 / 6),      # day 1 A, B, C -> 2/3; day 2 -> 1; mean 5/6
-    (100, 5 / 6),    # fewer than k cards: precision over the cards each day has
-])
+@pytest.mark.parametrize(
+    ("k", "expected"),
+    [
+        (1, 1.0),  # day 1 top card A (fraud) -> 1; day 2 D -> 1
+        (2, 0.75),  # day 1 top A, B -> 1/2; day 2 has one card, D -> 1/1; mean 3/4
+        (3, 5 / 6),  # day 1 A, B, C -> 2/3; day 2 -> 1; mean 5/6
+        (100, 5 / 6),  # fewer than k cards: precision over the cards each day has
+    ],
+)
 def test_card_precision_at_k_by_hand(k, expected):
     got = card_precision_at_k(CP["label"], CP["score"], card_ids=CP["card"], days=CP["day"], k=k)
     assert got == pytest.approx(expected)
@@ -150,6 +156,7 @@ def test_card_precision_is_vectorized_enough():
     rng = np.random.default_rng(0)
     n = 200_000
     labels = (rng.random(n) < 0.01).astype(int)
-    got = card_precision_at_k(labels, rng.random(n), card_ids=rng.integers(0, 20_000, n),
-                              days=rng.integers(0, 7, n))
+    got = card_precision_at_k(
+        labels, rng.random(n), card_ids=rng.integers(0, 20_000, n), days=rng.integers(0, 7, n)
+    )
     assert 0.0 <= got <= 0.1

@@ -51,6 +51,7 @@ def distance(a, b):
 
 # ---- nets ----------------------------------------------------------------------------------------
 
+
 def test_shapes():
     x = torch.randn(7, 5)
     assert MLP(5).forward(x).shape == (7,)
@@ -105,6 +106,7 @@ def test_set_weights_refuses_mismatch_naming_the_parameter():
 
 # ---- training ------------------------------------------------------------------------------------
 
+
 def test_pos_weight_for():
     assert pos_weight_for(np.array([0, 0, 0, 1])) == pytest.approx(3.0)
     assert pos_weight_for(np.zeros(10)) == 1.0
@@ -139,8 +141,9 @@ def test_train_epochs_skips_empty_batches_and_counts_examples():
     before = evaluate_loss(model, x, y, pos_weight=2.0)
     # A (numerically) frozen SGD step: the per-example mean of the batch losses is the full-data loss,
     # which only holds when batches (10 and 5 rows) are weighted by their example counts.
-    stats = train_epochs(model, torch.optim.SGD(model.parameters(), lr=1e-12), batches, epochs=2,
-                         pos_weight=2.0)
+    stats = train_epochs(
+        model, torch.optim.SGD(model.parameters(), lr=1e-12), batches, epochs=2, pos_weight=2.0
+    )
     assert isinstance(stats, TrainStats)
     assert (stats.examples, stats.steps) == (30, 4)
     assert stats.loss == pytest.approx(before, rel=1e-5)
@@ -154,8 +157,15 @@ def test_fedprox_pulls_toward_global_weights():
     for mu in (0.0, 1.0, 1e6):
         model = build_model("mlp", 5, hidden_sizes=(8,), seed=0)
         start = params_of(model)
-        train_epochs(model, make_optimizer(model, lr=0.05), make_loader(x, y, batch_size=64, seed=0),
-                     epochs=2, pos_weight=6.0, proximal_mu=mu, global_weights=start)
+        train_epochs(
+            model,
+            make_optimizer(model, lr=0.05),
+            make_loader(x, y, batch_size=64, seed=0),
+            epochs=2,
+            pos_weight=6.0,
+            proximal_mu=mu,
+            global_weights=start,
+        )
         moved[mu] = distance(params_of(model), start)
     assert moved[0.0] > moved[1.0] > moved[1e6]
     assert moved[1e6] < 1e-3 * moved[0.0]
@@ -163,8 +173,15 @@ def test_fedprox_pulls_toward_global_weights():
     with pytest.raises(ValueError, match="global_weights"):
         train_epochs(model, make_optimizer(model, lr=0.1), [], epochs=1, pos_weight=1.0, proximal_mu=0.1)
     with pytest.raises(ValueError, match=r"global_weights\[0\]"):
-        train_epochs(model, make_optimizer(model, lr=0.1), [], epochs=1, pos_weight=1.0, proximal_mu=0.1,
-                     global_weights=[torch.zeros(2, 2), *params_of(model)[1:]])
+        train_epochs(
+            model,
+            make_optimizer(model, lr=0.1),
+            [],
+            epochs=1,
+            pos_weight=1.0,
+            proximal_mu=0.1,
+            global_weights=[torch.zeros(2, 2), *params_of(model)[1:]],
+        )
 
 
 def test_make_loader_and_optimizer():
@@ -208,23 +225,35 @@ def test_opacus_accepts_mlp_and_train_epochs_runs_on_dp_loader():
     engine = PrivacyEngine()
     # batch_size 2 over 40 rows: sample rate 1/20, so about (1 - 1/20)^40 = 13% of batches are empty.
     dp_model, optimizer, loader = engine.make_private(
-        module=model, optimizer=make_optimizer(model, lr=0.05),
+        module=model,
+        optimizer=make_optimizer(model, lr=0.05),
         data_loader=make_loader(x, y, batch_size=2, seed=0),
-        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True)
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=True,
+    )
     sizes = [len(b[0]) for b in loader]
     assert 0 in sizes  # Poisson sampling does give empty batches here
     stats = train_epochs(dp_model, optimizer, loader, epochs=3, pos_weight=pos_weight_for(y))
     assert stats.examples > 0 and stats.steps < 3 * len(sizes) and math.isfinite(stats.loss)
     assert engine.get_epsilon(delta=1e-5) > 0
     # FedProx still acts under DP (a proximal loss term would be discarded by the DP optimizer).
-    train_epochs(dp_model, optimizer, loader, epochs=1, pos_weight=1.0, proximal_mu=1e6,
-                 global_weights=params_of(dp_model))
+    train_epochs(
+        dp_model,
+        optimizer,
+        loader,
+        epochs=1,
+        pos_weight=1.0,
+        proximal_mu=1e6,
+        global_weights=params_of(dp_model),
+    )
     moved = params_of(dp_model)
     train_epochs(dp_model, optimizer, loader, epochs=1, pos_weight=1.0, proximal_mu=1e6, global_weights=moved)
     assert distance(params_of(dp_model), moved) < 1e-3 * distance(moved, start)
 
 
 # ---- feature spec --------------------------------------------------------------------------------
+
 
 def banks():
     rng = np.random.default_rng(0)
@@ -256,8 +285,9 @@ def test_feature_stats_are_additive():
 def test_feature_spec_from_stats_matches_pooled_numpy():
     a, b = banks()
     data = np.vstack([a, b])
-    spec = FeatureSpec.from_stats(["amount", "hour", "const"], FeatureStats.of(a) + FeatureStats.of(b),
-                                  version="v1", delay_days=7)
+    spec = FeatureSpec.from_stats(
+        ["amount", "hour", "const"], FeatureStats.of(a) + FeatureStats.of(b), version="v1", delay_days=7
+    )
     np.testing.assert_allclose(spec.mean, data.mean(axis=0))
     np.testing.assert_allclose(spec.std[:2], data.std(axis=0)[:2])
     assert spec.std[2] == 1.0  # constant feature
@@ -274,8 +304,14 @@ def test_feature_spec_from_stats_matches_pooled_numpy():
 
 
 def test_feature_spec_json_round_trip_and_refusals():
-    spec = FeatureSpec(names=("a", "b"), version="v2", mean=(0.1, 1 / 3), std=(1.0, 2.5), delay_days=7,
-                       extra={"entity_table_version": "2026-11-01"})
+    spec = FeatureSpec(
+        names=("a", "b"),
+        version="v2",
+        mean=(0.1, 1 / 3),
+        std=(1.0, 2.5),
+        delay_days=7,
+        extra={"entity_table_version": "2026-11-01"},
+    )
     assert FeatureSpec.from_json(spec.to_json()) == spec
     doc = json.loads(spec.to_json())
     with pytest.raises(ValueError, match="not valid JSON"):

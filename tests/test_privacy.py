@@ -47,8 +47,17 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _step(state=None, *, rounds: int = 3, epsilon: float = EPS, delta: float = DELTA) -> DPSGD:
-    step = make_privacy_step(enabled=True, epsilon=epsilon, delta=delta, max_grad_norm=1.0, n_examples=N,
-                             batch_size=BATCH, local_epochs=1, planned_rounds=rounds, state=state)
+    step = make_privacy_step(
+        enabled=True,
+        epsilon=epsilon,
+        delta=delta,
+        max_grad_norm=1.0,
+        n_examples=N,
+        batch_size=BATCH,
+        local_epochs=1,
+        planned_rounds=rounds,
+        state=state,
+    )
     assert isinstance(step, DPSGD)
     return step
 
@@ -56,8 +65,9 @@ def _step(state=None, *, rounds: int = 3, epsilon: float = EPS, delta: float = D
 def _wrap(step: PrivacyStep, data, *, kind: str = "mlp", seed: int = 0, batch: int = BATCH, **opt):
     """Return (model, private model, optimizer, loader) of a fresh model wrapped by the step."""
     model = build_model(kind, FEATURES, hidden_sizes=(16, 16), seed=seed)
-    wrapped = step.wrap(model, make_optimizer(model, **{"lr": 0.01, **opt}),
-                        make_loader(*data, batch_size=batch, seed=seed))
+    wrapped = step.wrap(
+        model, make_optimizer(model, **{"lr": 0.01, **opt}), make_loader(*data, batch_size=batch, seed=seed)
+    )
     return (model, *wrapped)
 
 
@@ -69,8 +79,14 @@ def _train_round(step: PrivacyStep, data, seed: int = 0):
 
 def _after(step: DPSGD, steps: int) -> dict[str, Any]:
     """The step's state as if `steps` steps had been taken at its sigma and sample rate."""
-    return dict(step.state(), **{"dp-history-sigma": [step.noise_multiplier],
-                                 "dp-history-rate": [step.sample_rate], "dp-history-steps": [steps]})
+    return dict(
+        step.state(),
+        **{
+            "dp-history-sigma": [step.noise_multiplier],
+            "dp-history-rate": [step.sample_rate],
+            "dp-history-steps": [steps],
+        },
+    )
 
 
 def _total_steps(step: DPSGD) -> int:
@@ -78,6 +94,7 @@ def _total_steps(step: DPSGD) -> int:
 
 
 # --- accounting across rounds ---------------------------------------------------------------------------
+
 
 def test_three_rounds_accumulate_like_an_independent_accountant(data):
     state: dict[str, Any] | None = None
@@ -92,8 +109,9 @@ def test_three_rounds_accumulate_like_an_independent_accountant(data):
         spent.append(step.spent())
         assert state["dp-epsilon-spent"] == spent[-1]
         independent = RDPAccountant()  # fed the same (sigma, sample rate, steps) history
-        independent.history = list(zip(*(state[f"dp-history-{k}"] for k in ("sigma", "rate", "steps")),
-                                       strict=True))
+        independent.history = list(
+            zip(*(state[f"dp-history-{k}"] for k in ("sigma", "rate", "steps")), strict=True)
+        )
         assert spent[-1] == pytest.approx(independent.get_epsilon(delta=DELTA), rel=1e-12)
     assert _total_steps(step) == steps_taken  # the steps Opacus actually took
     assert sigmas[0] == sigmas[1] == sigmas[2]  # calibrated once
@@ -106,10 +124,18 @@ def test_golden_epsilon_and_sigma():
     # RDPAccountant().get_epsilon(1e-5) = 2.1013652716430564; and get_noise_multiplier(target_epsilon=2.0,
     # target_delta=1e-5, sample_rate=0.01, steps=1000, accountant="rdp", epsilon_tolerance=0.01) =
     # 1.02294921875 (computed once in a Python shell, 2026-11).
-    state = {"dp-epsilon": 10.0, "dp-delta": 1e-5, "dp-accountant": "rdp", "dp-sigma": 1.0,
-             "dp-history-sigma": [1.0], "dp-history-rate": [0.01], "dp-history-steps": [1000]}
-    restored = DPSGD(epsilon=10.0, delta=1e-5, max_grad_norm=1.0, sample_rate=0.01, planned_steps=5000,
-                     state=state)
+    state = {
+        "dp-epsilon": 10.0,
+        "dp-delta": 1e-5,
+        "dp-accountant": "rdp",
+        "dp-sigma": 1.0,
+        "dp-history-sigma": [1.0],
+        "dp-history-rate": [0.01],
+        "dp-history-steps": [1000],
+    }
+    restored = DPSGD(
+        epsilon=10.0, delta=1e-5, max_grad_norm=1.0, sample_rate=0.01, planned_steps=5000, state=state
+    )
     assert restored.spent() == pytest.approx(2.1013652716430564, rel=1e-12)
     assert restored.noise_multiplier == 1.0  # restored, not re-calibrated
     fresh = DPSGD(epsilon=2.0, delta=1e-5, max_grad_norm=1.0, sample_rate=0.01, planned_steps=1000)
@@ -158,11 +184,13 @@ def test_prv_accountant_matches_opacus():
     reference.history = list(history)
     assert epsilon_of(history, delta=DELTA, accountant="prv") == reference.get_epsilon(delta=DELTA)
     with pytest.raises(ValueError, match="accountant"):
-        DPSGD(epsilon=EPS, delta=DELTA, max_grad_norm=1.0, sample_rate=0.05, planned_steps=10,
-              accountant="gdp")
+        DPSGD(
+            epsilon=EPS, delta=DELTA, max_grad_norm=1.0, sample_rate=0.05, planned_steps=10, accountant="gdp"
+        )
 
 
 # --- state -----------------------------------------------------------------------------------------------
+
 
 def _round_trip(state: dict[str, Any]) -> dict[str, Any]:
     return dict(config_record_from_proto(config_record_to_proto(ConfigRecord(state))))
@@ -194,16 +222,34 @@ def test_malformed_or_orphaned_state_is_refused():
     with pytest.raises(ValueError, match="dp-history"):
         _step(dict(state, **{"dp-history-steps": [1, 2]}))
     with pytest.raises(ValueError, match="dp-sigma"):
-        make_privacy_step(enabled=False, epsilon=EPS, delta=DELTA, max_grad_norm=1.0, n_examples=N,
-                          batch_size=BATCH, local_epochs=1, planned_rounds=3, state=state)
+        make_privacy_step(
+            enabled=False,
+            epsilon=EPS,
+            delta=DELTA,
+            max_grad_norm=1.0,
+            n_examples=N,
+            batch_size=BATCH,
+            local_epochs=1,
+            planned_rounds=3,
+            state=state,
+        )
     unrelated = {"round": 3, "other-component": "x"}  # context.state may hold other keys
     assert _step(unrelated).spent() == 0.0
 
 
 def test_arguments_are_checked():
     assert steps_per_round(n_examples=1000, batch_size=256, local_epochs=2) == 8
-    step = make_privacy_step(enabled=True, epsilon=EPS, delta=DELTA, max_grad_norm=1.0, n_examples=1000,
-                             batch_size=256, local_epochs=2, planned_rounds=5, state=None)
+    step = make_privacy_step(
+        enabled=True,
+        epsilon=EPS,
+        delta=DELTA,
+        max_grad_norm=1.0,
+        n_examples=1000,
+        batch_size=256,
+        local_epochs=2,
+        planned_rounds=5,
+        state=None,
+    )
     assert isinstance(step, DPSGD) and step.sample_rate == 0.25 and step.planned_steps == 40
     bad: dict[str, Any]
     for bad in ({"n_examples": 0}, {"batch_size": 2.5}, {"local_epochs": True}):
@@ -211,8 +257,13 @@ def test_arguments_are_checked():
         with pytest.raises(ValueError, match=next(iter(bad))):
             steps_per_round(**counts)
     for bad in ({"epsilon": 0.0}, {"delta": 1.0}, {"max_grad_norm": math.nan}, {"sample_rate": 1.5}):
-        args: dict[str, Any] = {"epsilon": EPS, "delta": DELTA, "max_grad_norm": 1.0, "sample_rate": 0.1,
-                                **bad}
+        args: dict[str, Any] = {
+            "epsilon": EPS,
+            "delta": DELTA,
+            "max_grad_norm": 1.0,
+            "sample_rate": 0.1,
+            **bad,
+        }
         with pytest.raises(ValueError, match=next(iter(bad))):
             DPSGD(planned_steps=10, **args)
     with pytest.raises(ValueError, match="steps"):
@@ -221,9 +272,19 @@ def test_arguments_are_checked():
 
 # --- NoPrivacy -------------------------------------------------------------------------------------------
 
+
 def test_no_privacy_is_an_identity(data):
-    step = make_privacy_step(enabled=False, epsilon=EPS, delta=DELTA, max_grad_norm=1.0, n_examples=N,
-                             batch_size=BATCH, local_epochs=1, planned_rounds=3, state={"round": 1})
+    step = make_privacy_step(
+        enabled=False,
+        epsilon=EPS,
+        delta=DELTA,
+        max_grad_norm=1.0,
+        n_examples=N,
+        batch_size=BATCH,
+        local_epochs=1,
+        planned_rounds=3,
+        state={"round": 1},
+    )
     assert isinstance(step, NoPrivacy) and isinstance(step, PrivacyStep)
     model, private, optimizer, loader = _wrap(step, data)
     assert private is model and type(optimizer) is torch.optim.Adam and type(loader) is DataLoader
@@ -231,6 +292,7 @@ def test_no_privacy_is_an_identity(data):
 
 
 # --- training and per-sample gradients --------------------------------------------------------------------
+
 
 def test_dp_training_end_to_end_changes_weights(data):
     step = _step()
@@ -244,22 +306,28 @@ def test_dp_training_end_to_end_changes_weights(data):
 def test_dp_training_with_fedprox_and_sgd(data):
     model, private, optimizer, loader = _wrap(_step(), data, kind="logreg", name="sgd", lr=0.1)
     global_weights = [p.detach().clone() for p in model.parameters()]
-    stats = train_epochs(private, optimizer, loader, epochs=2, pos_weight=1.0, proximal_mu=0.1,
-                         global_weights=global_weights)
+    stats = train_epochs(
+        private, optimizer, loader, epochs=2, pos_weight=1.0, proximal_mu=0.1, global_weights=global_weights
+    )
     assert stats.steps > 20 and math.isfinite(stats.loss)
 
 
-def _privatised_grad(mode: str, model: nn.Module, xb, yb, *, sigma: float = 0.0,
-                     max_grad_norm: float = 1.0) -> list[torch.Tensor]:
+def _privatised_grad(
+    mode: str, model: nn.Module, xb, yb, *, sigma: float = 0.0, max_grad_norm: float = 1.0
+) -> list[torch.Tensor]:
     """One step's noised, clipped gradient (before the optimizer applies it)."""
     model = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         private, optimizer, _ = make_private(
-            PrivacyEngine(accountant="rdp"), module=model,
+            PrivacyEngine(accountant="rdp"),
+            module=model,
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             data_loader=make_loader(xb.numpy(), yb.numpy(), batch_size=BATCH, seed=0),
-            noise_multiplier=sigma, max_grad_norm=max_grad_norm, grad_sample_mode=mode)
+            noise_multiplier=sigma,
+            max_grad_norm=max_grad_norm,
+            grad_sample_mode=mode,
+        )
     optimizer.zero_grad(set_to_none=True)
     loss = nn.functional.binary_cross_entropy_with_logits(private(xb), yb, pos_weight=torch.tensor(3.0))
     loss.backward()
@@ -280,7 +348,7 @@ def test_fused_mode_matches_opacus_hooks(data, kind, max_grad_norm):
     torch.manual_seed(0)
     model = MODELS[kind]()
     x, y = data
-    xb, yb = torch.from_numpy(x[:BATCH * 4] * 3), torch.from_numpy(y[:BATCH * 4])
+    xb, yb = torch.from_numpy(x[: BATCH * 4] * 3), torch.from_numpy(y[: BATCH * 4])
     hooks = _privatised_grad("hooks", model, xb, yb, max_grad_norm=max_grad_norm)
     fused = _privatised_grad("fused", model, xb, yb, max_grad_norm=max_grad_norm)
     for h, f in zip(hooks, fused, strict=True):
@@ -292,8 +360,10 @@ def test_noise_changes_the_gradient(data):
     xb, yb = torch.from_numpy(x[:BATCH]), torch.from_numpy(y[:BATCH])
     model = build_model("mlp", FEATURES, seed=0)
     clean = _privatised_grad("fused", model, xb, yb, sigma=0.0)
-    assert all(torch.equal(a, b) for a, b in
-               zip(clean, _privatised_grad("fused", model, xb, yb, sigma=0.0), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(clean, _privatised_grad("fused", model, xb, yb, sigma=0.0), strict=True)
+    )
     noisy = _privatised_grad("fused", model, xb, yb, sigma=1.0)
     diff = torch.cat([(a - b).flatten() for a, b in zip(noisy, clean, strict=True)])
     # noise per coordinate is N(0, (sigma * C / expected batch size)^2) = N(0, (1/16)^2)
@@ -311,10 +381,13 @@ def test_poisson_sampling_does_not_replay_the_loader_seed(data):
 
 # --- protocol violations -----------------------------------------------------------------------------------
 
+
 def test_fused_mode_refuses_unsupported_models(data):
     x, y = data
-    for model in (nn.Sequential(nn.Linear(FEATURES, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)),
-                  nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 1))):
+    for model in (
+        nn.Sequential(nn.Linear(FEATURES, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)),
+        nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 1)),
+    ):
         with pytest.raises(UnsupportedModelError):
             _step().wrap(model, make_optimizer(model, lr=0.1), make_loader(x, y, batch_size=BATCH, seed=0))
 
@@ -342,8 +415,9 @@ def test_unclipped_or_replaced_gradients_are_refused(data):
 
 def test_fused_hooks_are_replaced_on_rewrap_and_end_with_the_round(data):
     model, *first = _wrap(_step(), data)
-    private, optimizer, loader = _step().wrap(model, make_optimizer(model, lr=0.01),
-                                              make_loader(*data, batch_size=BATCH, seed=1))
+    private, optimizer, loader = _step().wrap(
+        model, make_optimizer(model, lr=0.01), make_loader(*data, batch_size=BATCH, seed=1)
+    )
     assert train_epochs(private, optimizer, loader, epochs=1, pos_weight=1.0).steps > 0  # no stale clipper
     del first, private, optimizer, loader
     gc.collect()
@@ -353,8 +427,9 @@ def test_fused_hooks_are_replaced_on_rewrap_and_end_with_the_round(data):
         m.zero_grad()
         m(torch.from_numpy(data[0][:BATCH])).mean().backward()
     # plain gradients again, not clipped sums
-    torch.testing.assert_close([p.grad for p in model.parameters()],
-                               [p.grad for p in reference.parameters()], rtol=0, atol=0)
+    torch.testing.assert_close(
+        [p.grad for p in model.parameters()], [p.grad for p in reference.parameters()], rtol=0, atol=0
+    )
 
 
 def test_empty_poisson_batch_is_a_noise_only_accounted_step(data):
@@ -366,4 +441,3 @@ def test_empty_poisson_batch_is_a_noise_only_accounted_step(data):
     optimizer.step()
     assert _total_steps(step) == 1
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters())
-

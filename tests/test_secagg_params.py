@@ -23,7 +23,9 @@ def test_refusals_name_the_key():
     with pytest.raises(SecAggConfigError, match="secagg-num-shares"):
         choose_secagg(5, load_config({"secagg-num-shares": 9}).federation)
     with pytest.raises(SecAggConfigError, match="secagg-reconstruction-threshold"):
-        choose_secagg(5, load_config({"secagg-num-shares": 5, "secagg-reconstruction-threshold": 5}).federation)
+        choose_secagg(
+            5, load_config({"secagg-num-shares": 5, "secagg-reconstruction-threshold": 5}).federation
+        )
 
 
 def test_quantization_error_bound_shrinks_with_range():

@@ -14,7 +14,9 @@ def _times(days=40, per_day=10):
 
 def test_day_split_windows_end_on_last_day():
     times = _times()
-    split = time_split(times, SplitConfig(train_days=7, delay_days=7, test_days=7, test_fraction=0.0, test_start=""))
+    split = time_split(
+        times, SplitConfig(train_days=7, delay_days=7, test_days=7, test_fraction=0.0, test_start="")
+    )
     days = (times - times.min()).dt.days.to_numpy()
     assert set(days[split.test]) == set(range(33, 40))
     assert set(days[split.train]) == set(range(19, 26))
@@ -51,7 +53,12 @@ def test_numeric_times_default_to_a_fraction():
 
 
 def _cards(n_cards=400, per_card=3):
-    return pd.DataFrame({"card_id": np.repeat(np.arange(n_cards), per_card), "bank": np.repeat(np.arange(n_cards) % 3, per_card)})
+    return pd.DataFrame(
+        {
+            "card_id": np.repeat(np.arange(n_cards), per_card),
+            "bank": np.repeat(np.arange(n_cards) % 3, per_card),
+        }
+    )
 
 
 @pytest.mark.parametrize("scheme", ["card-hash", "zipf", "random"])
