@@ -129,13 +129,25 @@ def make_client_app(settings: BankSettings) -> ClientApp:
     return ClientApp(client_fn=client_fn, mods=_client_mods(settings.config))
 
 
+def _data_path(node: Mapping[str, Any], config: FedFraudConfig) -> str:
+    """The bank's file: `data-path` in the node config, else bank_<partition-id> under the run's data-dir."""
+    if node.get("data-path"):
+        return str(node["data-path"])
+    if config.federation.data_dir and "partition-id" in node:
+        return str(Path(config.federation.data_dir) / f"bank_{int(node['partition-id']):02d}.parquet")
+    raise ValueError(
+        "node config key 'data-path' is missing: start the SuperNode with "
+        "--node-config \"data-path='/path/to/transactions.parquet'\""
+    )
+
+
 def _deployed_client(context: Context) -> Client:
     """Deployment: the bank's file from the node config, settings from the run config."""
     config = parse_config(dict(context.run_config))
     node = context.node_config
     features = tuple(str(node["features"]).split(",")) if node.get("features") else None
     data = load_bank(
-        str(node["data-path"]),
+        _data_path(node, config),
         split=config.split,
         features=features,
         columns=parse_columns(str(node.get("columns", "")) or None),

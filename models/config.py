@@ -66,6 +66,8 @@ class FederationConfig:
     secagg_reconstruction_threshold: int
     secagg_quantization_range: int
     secagg_modulus_range: int
+    checkpoint_dir: str
+    data_dir: str
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,8 @@ def _federation(raw: Mapping[str, Any]) -> FederationConfig:
             lambda v: v >= 2**16 and v & (v - 1) == 0,
             "a power of two >= 65536",
         ),
+        checkpoint_dir=_value(raw, "checkpoint-dir", str, lambda v: True, "a directory path (or empty)"),
+        data_dir=_value(raw, "data-dir", str, lambda v: True, "a directory path (or empty)"),
     )
 
 

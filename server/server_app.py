@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,8 +215,27 @@ app = ServerApp()
 def _deployed_main(grid: Grid, context: Context) -> None:
     """Deployment (`flwr run`): settings from the run config; every connected bank takes part."""
     config = parse_config(dict(context.run_config))
-    nodes = list(grid.get_node_ids())
+    nodes = wait_for_banks(grid, minimum=config.federation.min_fit_banks)
+    directory = Path(config.federation.checkpoint_dir) if config.federation.checkpoint_dir else None
     settings = ServerSettings(
-        config=config, n_banks=len(nodes), feature_names=LOCAL_FEATURES, feature_version=FEATURE_VERSION
+        config=config,
+        n_banks=len(nodes),
+        feature_names=LOCAL_FEATURES,
+        feature_version=FEATURE_VERSION,
+        checkpoint_dir=directory,
     )
     run_federation(grid, context, settings)
+
+
+def wait_for_banks(grid: Grid, *, minimum: int, timeout_s: float = 300.0) -> list[int]:
+    """Wait until at least `minimum` banks are connected (then a few seconds more for stragglers)."""
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {len(nodes)} of the {minimum} banks needed (min-fit-banks) connected "
+                f"within {timeout_s:.0f} s"
+            )
+        time.sleep(1.0)
+    time.sleep(3.0)
+    return list(grid.get_node_ids())

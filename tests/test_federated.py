@@ -118,3 +118,39 @@ def test_an_overflowing_secagg_configuration_is_refused(consortium):
     data, _ = _prepared(consortium)
     with pytest.raises(SecAggConfigError, match="overflow"):
         run_federated(data, config)
+
+
+def test_fedadam_keeps_its_moments_in_the_checkpoint(consortium, tmp_path):
+    data, config = _prepared(consortium, rounds=2, dp=False, secagg=False, strategy="fedadam")
+    result = run_federated(data, config, engine=EngineOptions(checkpoint_dir=tmp_path))
+    assert [r["round"] for r in result.details["rounds"]] == [1, 2]
+    saved = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert saved["strategy_state"] == {"m_t": 6, "v_t": 6}  # MLP 20-64-64-1: three weights, three biases
+    assert np.isfinite(result.scores).all()
+
+
+def test_fedprox_sends_its_proximal_term_to_the_banks(consortium, monkeypatch):
+    sent = []
+    original = strategy_module.GuardedMixin.configure_fit
+
+    def recording(self, server_round, parameters, client_manager):
+        pairs = original(self, server_round, parameters, client_manager)
+        sent.extend(fit_ins.config for _, fit_ins in pairs)
+        return pairs
+
+    monkeypatch.setattr(strategy_module.GuardedMixin, "configure_fit", recording)
+    data, config = _prepared(
+        consortium, rounds=1, dp=False, secagg=False, strategy="fedprox", **{"proximal-mu": 0.5}
+    )
+    result = run_federated(data, config)
+    assert len(sent) == 4 and all(c["proximal_mu"] == 0.5 and c["server-round"] == 1 for c in sent)
+    assert result.details["rounds"][0]["results"] == 4
+    assert np.isfinite(result.scores).all()
+
+
+def test_client_level_dp_warns_with_few_banks_and_completes(consortium, caplog):
+    data, config = _prepared(consortium, rounds=1, dp=False, secagg=True, **{"central-dp": True})
+    with caplog.at_level("WARNING", logger="server.server_app"):
+        result = run_federated(data, config)
+    assert any("usually ruins the model" in r.getMessage() for r in caplog.records)
+    assert result.details["rounds"][0]["round"] == 1
