@@ -1,6 +1,6 @@
 """Time the synthetic consortium generator and writer; print size, speed and the mix of the data.
 
-    .venv/bin/python benchmarks/generate.py --cards 40000 --days 40   # about 2M rows
+.venv/bin/python benchmarks/generate.py --cards 40000 --days 40   # about 2M rows
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", dest="fmt", choices=("parquet", "csv"), default="parquet")
     args = parser.parse_args(argv)
-    config = GeneratorConfig(banks=args.banks, cards=args.cards, merchants=args.merchants, days=args.days,
-                             seed=args.seed)
+    config = GeneratorConfig(
+        banks=args.banks, cards=args.cards, merchants=args.merchants, days=args.days, seed=args.seed
+    )
 
     started = time.perf_counter()
     frame = generate_consortium(config)

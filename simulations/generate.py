@@ -35,10 +35,17 @@ logger = logging.getLogger(__name__)
 
 # Merchant categories: name, share of merchants, median amount, log-amount sigma.
 CATEGORIES = (
-    ("grocery", 0.16, 45.0, 0.6), ("restaurant", 0.16, 28.0, 0.5), ("coffee", 0.08, 6.5, 0.4),
-    ("fuel", 0.08, 55.0, 0.35), ("retail", 0.14, 60.0, 0.8), ("online", 0.12, 40.0, 0.9),
-    ("digital", 0.06, 12.0, 0.7), ("electronics", 0.05, 220.0, 0.9), ("travel", 0.05, 350.0, 0.8),
-    ("health", 0.07, 35.0, 0.7), ("transit", 0.05, 3.2, 0.6),
+    ("grocery", 0.16, 45.0, 0.6),
+    ("restaurant", 0.16, 28.0, 0.5),
+    ("coffee", 0.08, 6.5, 0.4),
+    ("fuel", 0.08, 55.0, 0.35),
+    ("retail", 0.14, 60.0, 0.8),
+    ("online", 0.12, 40.0, 0.9),
+    ("digital", 0.06, 12.0, 0.7),
+    ("electronics", 0.05, 220.0, 0.9),
+    ("travel", 0.05, 350.0, 0.8),
+    ("health", 0.07, 35.0, 0.7),
+    ("transit", 0.05, 3.2, 0.6),
 )
 WEEKDAY_WEIGHTS = np.array([1.0, 1.0, 1.02, 1.05, 1.2, 1.1, 0.75])  # Monday .. Sunday
 POPULARITY_SIGMA = 1.3  # log-normal merchant popularity: heavy-tailed
@@ -50,13 +57,25 @@ FAVOURITE_SHARE = 0.9  # share of a card's transactions at its personal merchant
 MIN_BANK_SHARE = 0.01
 MANIFEST = "manifest.json"
 FORMATS = ("parquet", "csv")
-_INT_FIELDS = {"banks": (1, 100), "cards": (1, None), "merchants": (10, None), "days": (1, None),
-               "seed": (0, None), "compromise_min_days": (1, None), "compromise_max_days": (1, None)}
-_FLOAT_FIELDS = {"zipf_exponent": (0.0, 10.0), "tx_per_day": (1e-6, 1000.0),
-                 "merchant_fraud_rate": (0.0, 0.5), "compromise_min_share": (0.0, 1.0),
-                 "compromise_max_share": (0.0, 1.0),
-                 "card_compromise_rate": (0.0, 1.0), "card_testing_rate": (0.0, 1.0),
-                 "high_amount_rate": (0.0, 0.5)}
+_INT_FIELDS = {
+    "banks": (1, 100),
+    "cards": (1, None),
+    "merchants": (10, None),
+    "days": (1, None),
+    "seed": (0, None),
+    "compromise_min_days": (1, None),
+    "compromise_max_days": (1, None),
+}
+_FLOAT_FIELDS = {
+    "zipf_exponent": (0.0, 10.0),
+    "tx_per_day": (1e-6, 1000.0),
+    "merchant_fraud_rate": (0.0, 0.5),
+    "compromise_min_share": (0.0, 1.0),
+    "compromise_max_share": (0.0, 1.0),
+    "card_compromise_rate": (0.0, 1.0),
+    "card_testing_rate": (0.0, 1.0),
+    "high_amount_rate": (0.0, 0.5),
+}
 
 
 @dataclass(frozen=True)
@@ -71,11 +90,11 @@ class GeneratorConfig:
     start: str = "2024-01-01"
     zipf_exponent: float = 1.1  # bank sizes: share of bank k proportional to 1 / (k + 1) ** exponent
     tx_per_day: float = 1.3  # mean everyday transactions per card and day
-    merchant_fraud_rate: float = 0.0025  # share of rows that are frauds at compromised merchants
-    compromise_min_days: int = 14  # a merchant stays compromised for min..max days
-    compromise_max_days: int = 40
-    compromise_min_share: float = 0.2  # share of a compromised merchant's transactions that are fraud
-    compromise_max_share: float = 0.5
+    merchant_fraud_rate: float = 0.003  # share of rows that are frauds at compromised merchants
+    compromise_min_days: int = 42  # a merchant stays compromised for min..max days (6-13 weeks)
+    compromise_max_days: int = 90
+    compromise_min_share: float = 0.3  # share of a compromised merchant's transactions that are fraud
+    compromise_max_share: float = 0.6
     card_compromise_rate: float = 2e-4  # spend sprees per card and day
     card_testing_rate: float = 5e-5  # card-testing bursts per card and day
     high_amount_rate: float = 5e-4  # isolated high-amount frauds per everyday transaction
@@ -151,8 +170,9 @@ def _day_weights(config: GeneratorConfig) -> np.ndarray:
     return weight / weight.sum()
 
 
-def _everyday(rng: np.random.Generator, world: World, mu: np.ndarray, sigma: np.ndarray,
-              config: GeneratorConfig) -> Batch:
+def _everyday(
+    rng: np.random.Generator, world: World, mu: np.ndarray, sigma: np.ndarray, config: GeneratorConfig
+) -> Batch:
     """Draw every card's legitimate transactions from its habits: rate, personal merchants, amount scale."""
     rate = rng.gamma(CARD_RATE_SHAPE, config.tx_per_day / CARD_RATE_SHAPE, size=config.cards)
     card = np.repeat(np.arange(config.cards), rng.poisson(rate * config.days))
@@ -175,16 +195,18 @@ def _to_frame(batch: Batch, world: World, config: GeneratorConfig) -> pd.DataFra
     order = np.argsort(batch.second, kind="stable")
     card = batch.card[order]
     codes = batch.scenario[order]
-    return pd.DataFrame({
-        "transaction_id": np.arange(order.size, dtype=np.int64),
-        "timestamp": np.datetime64(config.start, "ns") + batch.second[order].astype("timedelta64[s]"),
-        "card_id": card.astype(np.int64),
-        "merchant_id": batch.merchant[order].astype(np.int64),
-        "amount": batch.amount[order].astype(np.float64),
-        "is_fraud": (codes != NONE).astype(np.int8),
-        "bank_id": world.card_bank[card].astype(np.int64),
-        "scenario": pd.array(np.array(SCENARIOS, dtype=object)[codes], dtype="str"),
-    })
+    return pd.DataFrame(
+        {
+            "transaction_id": np.arange(order.size, dtype=np.int64),
+            "timestamp": np.datetime64(config.start, "ns") + batch.second[order].astype("timedelta64[s]"),
+            "card_id": card.astype(np.int64),
+            "merchant_id": batch.merchant[order].astype(np.int64),
+            "amount": batch.amount[order].astype(np.float64),
+            "is_fraud": (codes != NONE).astype(np.int8),
+            "bank_id": world.card_bank[card].astype(np.int64),
+            "scenario": pd.array(np.array(SCENARIOS, dtype=object)[codes], dtype="str"),
+        }
+    )
 
 
 def generate_consortium(config: GeneratorConfig) -> pd.DataFrame:
@@ -193,11 +215,19 @@ def generate_consortium(config: GeneratorConfig) -> pd.DataFrame:
     world, mu, sigma = _build_world(rng, config)
     everyday = _everyday(rng, world, mu, sigma, config)
     compromise_merchants(rng, everyday, config.merchants, config)
-    batches = [everyday, compromised_cards(rng, world, config), card_testing(rng, world, config),
-               high_amount(rng, world, config, everyday.card.size)]
+    batches = [
+        everyday,
+        compromised_cards(rng, world, config),
+        card_testing(rng, world, config),
+        high_amount(rng, world, config, everyday.card.size),
+    ]
     frame = _to_frame(Batch.concat(batches), world, config)
-    logger.info("generated %d transactions of %d banks, fraud rate %.4f", len(frame), config.banks,
-                frame["is_fraud"].mean() if len(frame) else 0.0)
+    logger.info(
+        "generated %d transactions of %d banks, fraud rate %.4f",
+        len(frame),
+        config.banks,
+        frame["is_fraud"].mean() if len(frame) else 0.0,
+    )
     return frame
 
 
@@ -209,8 +239,9 @@ def _write_table(frame: pd.DataFrame, path: Path, fmt: str) -> None:
         frame.to_csv(path, index=False)
 
 
-def _write_files(frame: pd.DataFrame, directory: Path, fmt: str, pooled: bool,
-                 config: GeneratorConfig | None) -> dict[str, object]:
+def _write_files(
+    frame: pd.DataFrame, directory: Path, fmt: str, pooled: bool, config: GeneratorConfig | None
+) -> dict[str, object]:
     """Write the bank files (and the pooled file) into `directory`; return the manifest."""
     groups = frame.groupby("bank_id", sort=True).indices
     bank_ids = range(config.banks) if config is not None else sorted(int(str(b)) for b in groups)
@@ -219,18 +250,36 @@ def _write_files(frame: pd.DataFrame, directory: Path, fmt: str, pooled: bool,
         rows = frame.iloc[groups.get(bank, np.array([], np.int64))].reset_index(drop=True)
         name = f"bank_{bank:02d}.{fmt}"
         _write_table(rows, directory / name, fmt)
-        banks.append({"bank_id": bank, "file": name, "rows": len(rows),
-                      "cards": int(rows["card_id"].nunique()), "frauds": int(rows["is_fraud"].sum())})
+        banks.append(
+            {
+                "bank_id": bank,
+                "file": name,
+                "rows": len(rows),
+                "cards": int(rows["card_id"].nunique()),
+                "frauds": int(rows["is_fraud"].sum()),
+            }
+        )
     pooled_name = f"pooled.{fmt}" if pooled else None
     if pooled_name is not None:
         _write_table(frame.reset_index(drop=True), directory / pooled_name, fmt)
-    return {"generator": "fedfraud", "config": dataclasses.asdict(config) if config is not None else None,
-            "banks": banks, "pooled": pooled_name, "rows": len(frame),
-            "fraud_rate": float(frame["is_fraud"].mean()) if len(frame) else 0.0}
+    return {
+        "generator": "fedfraud",
+        "config": dataclasses.asdict(config) if config is not None else None,
+        "banks": banks,
+        "pooled": pooled_name,
+        "rows": len(frame),
+        "fraud_rate": float(frame["is_fraud"].mean()) if len(frame) else 0.0,
+    }
 
 
-def write_consortium(frame: pd.DataFrame, out: Path, *, fmt: str = "parquet", pooled: bool = False,
-                     config: GeneratorConfig | None = None) -> Path:
+def write_consortium(
+    frame: pd.DataFrame,
+    out: Path,
+    *,
+    fmt: str = "parquet",
+    pooled: bool = False,
+    config: GeneratorConfig | None = None,
+) -> Path:
     """Write one file per bank plus manifest.json (and pooled.<fmt> if asked); return the manifest path."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt: expected one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -20,19 +20,48 @@ SCENARIOS = ("none", "compromised_merchant", "compromised_card", "card_testing",
 NONE, COMPROMISED_MERCHANT, COMPROMISED_CARD, CARD_TESTING, HIGH_AMOUNT = range(len(SCENARIOS))
 DAY = 86_400
 # Share of a day's transactions in each hour: a daytime peak (late morning to evening), few at night.
-HOUR_WEIGHTS = np.array([0.8, 0.5, 0.3, 0.25, 0.3, 0.6, 1.5, 3.0, 4.5, 5.5, 6.0, 6.5,
-                         7.5, 7.0, 6.5, 6.5, 7.0, 7.5, 7.5, 7.0, 6.0, 4.5, 3.0, 1.8])
+HOUR_WEIGHTS = np.array(
+    [
+        0.8,
+        0.5,
+        0.3,
+        0.25,
+        0.3,
+        0.6,
+        1.5,
+        3.0,
+        4.5,
+        5.5,
+        6.0,
+        6.5,
+        7.5,
+        7.0,
+        6.5,
+        6.5,
+        7.0,
+        7.5,
+        7.5,
+        7.0,
+        6.0,
+        4.5,
+        3.0,
+        1.8,
+    ]
+)
 HOUR_P = HOUR_WEIGHTS / HOUR_WEIGHTS.sum()
 NIGHT_HOURS = 6
-# Compromised merchants are small and mid-sized shops (skimmers, breached tills), not big chains or tiny
-# shops: their volume lies between these quantiles of merchant volume.
-COMPROMISE_VOLUME_QUANTILES = (0.2, 0.8)
+# Compromised merchants are small shops (skimmers, breached tills), not chains: their volume lies between
+# these quantiles of merchant volume, so that each bank sees only a handful of their transactions.
+COMPROMISE_VOLUME_QUANTILES = (0.02, 0.35)
 CARD_TESTING_CATEGORIES = (5, 6)  # online and digital goods (indices into generate.CATEGORIES)
 FRAUD_MERCHANT_POWER = 1.0  # weight of merchants for fraud rows: popularity ** power
 TYPICAL_AMOUNT = 40.0
 SPREE_AMOUNT_FACTOR = 5.0  # spree amounts: this many times the card's typical amount (median)
 SPREE_NIGHT_SHARE = 0.45  # share of spree transactions moved to the night
-HIGH_AMOUNT_RANGE = (1500.0, 10_000.0)  # log-uniform amounts of high-amount frauds  # median everyday amount of a card with scale 1
+HIGH_AMOUNT_RANGE = (
+    1500.0,
+    10_000.0,
+)  # log-uniform amounts of high-amount frauds  # median everyday amount of a card with scale 1
 
 
 @dataclass(frozen=True)
@@ -58,8 +87,12 @@ class Batch:
     @staticmethod
     def concat(batches: list[Batch]) -> Batch:
         """Return the rows of several batches, in order."""
-        return Batch(*(np.concatenate([getattr(b, name) for b in batches])
-                       for name in ("card", "merchant", "second", "amount", "scenario")))
+        return Batch(
+            *(
+                np.concatenate([getattr(b, name) for b in batches])
+                for name in ("card", "merchant", "second", "amount", "scenario")
+            )
+        )
 
 
 def time_of_day(rng: np.random.Generator, n: int, night_share: float = 0.0) -> np.ndarray:
@@ -77,8 +110,10 @@ def _event_count(rng: np.random.Generator, expected: float) -> int:
     return max(1, int(rng.poisson(expected)))
 
 
-def _fraud_merchants(rng: np.random.Generator, world: World, n: int, pool: np.ndarray | None = None) -> np.ndarray:
-    """Merchants for fraud rows: from `pool` (default all), flattened popularity so small shops are hit too."""
+def _fraud_merchants(
+    rng: np.random.Generator, world: World, n: int, pool: np.ndarray | None = None
+) -> np.ndarray:
+    """Merchants for fraud rows: from `pool` (default all), popularity flattened so small shops are hit."""
     pool = np.arange(world.merchant_p.size) if pool is None or pool.size == 0 else pool
     weight = world.merchant_p[pool] ** FRAUD_MERCHANT_POWER
     return rng.choice(pool, size=n, p=weight / weight.sum())
@@ -88,11 +123,12 @@ def _cents(amount: np.ndarray) -> np.ndarray:
     return np.maximum(np.round(amount, 2), 0.01)
 
 
-def compromise_merchants(rng: np.random.Generator, batch: Batch, n_merchants: int,
-                         config: GeneratorConfig) -> int:
+def compromise_merchants(
+    rng: np.random.Generator, batch: Batch, n_merchants: int, config: GeneratorConfig
+) -> int:
     """Relabel a share of all transactions at merchants compromised for weeks; return how many merchants.
 
-    Merchants are drawn in random order (big chains excluded) until the expected number of frauds
+    Small merchants are drawn in random order until the expected number of frauds
     reaches `merchant_fraud_rate` of the rows; frauds are ordinary rows (cards of every bank, usual
     amounts and hours) so that only the merchant's consortium-wide fraud rate reveals them.
     """
@@ -134,7 +170,11 @@ def compromised_cards(rng: np.random.Generator, world: World, config: GeneratorC
     day = np.minimum(np.floor(begin[event] + rng.random(n) * length[event]), config.days - 1).astype(np.int64)
     second = day * DAY + time_of_day(rng, n, night_share=SPREE_NIGHT_SHARE)
     merchant = _fraud_merchants(rng, world, n)
-    amount = TYPICAL_AMOUNT * world.card_scale[card[event]] * rng.lognormal(np.log(SPREE_AMOUNT_FACTOR), 0.6, size=n)
+    amount = (
+        TYPICAL_AMOUNT
+        * world.card_scale[card[event]]
+        * rng.lognormal(np.log(SPREE_AMOUNT_FACTOR), 0.6, size=n)
+    )
     return Batch(card[event], merchant, second, _cents(amount), np.full(n, COMPROMISED_CARD, np.int8))
 
 
@@ -159,8 +199,9 @@ def card_testing(rng: np.random.Generator, world: World, config: GeneratorConfig
     targets = _fraud_merchants(rng, world, n_bursts * 3, online).reshape(n_bursts, 3)
     slot = rng.integers(0, rng.integers(1, 4, size=n_bursts)[burst])
     amount = rng.uniform(0.5, 5.0, size=burst.size)
-    return Batch(card[burst], targets[burst, slot], second, _cents(amount),
-                 np.full(burst.size, CARD_TESTING, np.int8))
+    return Batch(
+        card[burst], targets[burst, slot], second, _cents(amount), np.full(burst.size, CARD_TESTING, np.int8)
+    )
 
 
 def high_amount(rng: np.random.Generator, world: World, config: GeneratorConfig, n_rows: int) -> Batch:
@@ -170,5 +211,6 @@ def high_amount(rng: np.random.Generator, world: World, config: GeneratorConfig,
     merchant = _fraud_merchants(rng, world, n)
     day = rng.integers(0, config.days, size=n)
     second = day * DAY + time_of_day(rng, n)
-    amount = np.exp(rng.uniform(*np.log(HIGH_AMOUNT_RANGE), size=n))
+    low, high = np.log(HIGH_AMOUNT_RANGE)
+    amount = np.exp(rng.uniform(float(low), float(high), size=n))
     return Batch(card, merchant, second, _cents(amount), np.full(n, HIGH_AMOUNT, np.int8))

@@ -13,8 +13,15 @@ from simulations.generate import GeneratorConfig, bank_shares, generate_consorti
 from simulations.scenarios import SCENARIOS
 
 SMALL = GeneratorConfig(banks=5, cards=3_000, merchants=400, days=30, seed=1)
-DTYPES = {"transaction_id": "int64", "timestamp": "datetime64[ns]", "card_id": "int64", "merchant_id": "int64",
-          "amount": "float64", "is_fraud": "int8", "bank_id": "int64"}
+DTYPES = {
+    "transaction_id": "int64",
+    "timestamp": "datetime64[ns]",
+    "card_id": "int64",
+    "merchant_id": "int64",
+    "amount": "float64",
+    "is_fraud": "int8",
+    "bank_id": "int64",
+}
 
 
 @pytest.fixture(scope="module")
@@ -131,19 +138,41 @@ def test_other_scenarios_have_their_signatures(frame):
     assert (spree["timestamp"].dt.hour < 6).mean() > 0.3
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("banks", 0), ("banks", 101), ("cards", 3), ("merchants", 5), ("days", 0), ("seed", -1),
-    ("zipf_exponent", -1.0), ("tx_per_day", 0.0), ("merchant_fraud_rate", 0.9), ("start", "not-a-date"),
-    ("compromise_max_days", 5), ("compromise_max_share", 0.1), ("banks", 2.5), ("card_testing_rate", "x"),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("banks", 0),
+        ("banks", 101),
+        ("cards", 3),
+        ("merchants", 5),
+        ("days", 0),
+        ("seed", -1),
+        ("zipf_exponent", -1.0),
+        ("tx_per_day", 0.0),
+        ("merchant_fraud_rate", 0.9),
+        ("start", "not-a-date"),
+        ("compromise_max_days", 5),
+        ("compromise_max_share", 0.1),
+        ("banks", 2.5),
+        ("card_testing_rate", "x"),
+    ],
+)
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         GeneratorConfig(**{"banks": 5, **{field: value}})
 
 
 def test_disabled_scenarios_give_no_fraud():
-    config = GeneratorConfig(banks=2, cards=200, merchants=50, days=5, merchant_fraud_rate=0.0,
-                             card_compromise_rate=0.0, card_testing_rate=0.0, high_amount_rate=0.0)
+    config = GeneratorConfig(
+        banks=2,
+        cards=200,
+        merchants=50,
+        days=5,
+        merchant_fraud_rate=0.0,
+        card_compromise_rate=0.0,
+        card_testing_rate=0.0,
+        high_amount_rate=0.0,
+    )
     assert generate_consortium(config)["is_fraud"].sum() == 0
 
 
