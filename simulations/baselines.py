@@ -37,10 +37,11 @@ def standardize(x_train: np.ndarray, x_other: np.ndarray) -> tuple[np.ndarray, n
     return spec.transform(x_train), spec.transform(x_other)
 
 
-def _central(x: np.ndarray, data: Prepared, config: TrainConfig) -> np.ndarray:
-    train, test = data.split.train, data.split.test
-    x_train, x_test = standardize(x[train], x[test])
-    y_train = data.rows["is_fraud"].to_numpy()[train].astype(np.float32)
+def _fit_and_score(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, config: TrainConfig, *, seed: int
+) -> np.ndarray:
+    """Standardize with the training rows' statistics, train a model centrally, score the test rows."""
+    x_train, x_test = standardize(x_train, x_test)
     model = train_model(
         x_train,
         y_train,
@@ -51,9 +52,15 @@ def _central(x: np.ndarray, data: Prepared, config: TrainConfig) -> np.ndarray:
         lr=config.lr,
         weight_decay=config.weight_decay,
         pos_weight=config.pos_weight,
-        seed=config.seed,
+        seed=seed,
     )
     return predict_scores(model, x_test)
+
+
+def _central(x: np.ndarray, data: Prepared, config: TrainConfig) -> np.ndarray:
+    train, test = data.split.train, data.split.test
+    y_train = data.rows["is_fraud"].to_numpy()[train].astype(np.float32)
+    return _fit_and_score(x[train], y_train, x[test], config, seed=config.seed)
 
 
 def central_pooled(data: Prepared, config: FedFraudConfig) -> np.ndarray:
@@ -66,9 +73,8 @@ def central_siloed(data: Prepared, config: FedFraudConfig) -> np.ndarray:
     return _central(data.siloed, data, config.train)
 
 
-def local(data: Prepared, fed_config: FedFraudConfig) -> np.ndarray:
+def local(data: Prepared, config: FedFraudConfig) -> np.ndarray:
     """Each bank alone: its own features, scaler and model; its test rows scored by its own model."""
-    config = fed_config.train
     scores = np.full(int(data.split.test.sum()), np.nan)
     test_banks = data.rows["bank_id"].to_numpy()[data.split.test]
     y = data.rows["is_fraud"].to_numpy().astype(np.float32)
@@ -81,20 +87,9 @@ def local(data: Prepared, fed_config: FedFraudConfig) -> np.ndarray:
             logger.warning("bank %s has no training rows: its test rows score 0", bank)
             scores[test_banks == bank] = 0.0
             continue
-        x_train, x_test = standardize(data.siloed[train], data.siloed[test])
-        model = train_model(
-            x_train,
-            y[train],
-            kind=config.model,
-            hidden_sizes=config.hidden_sizes,
-            epochs=config.central_epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            pos_weight=config.pos_weight,
-            seed=config.seed + bank,
+        scores[test_banks == bank] = _fit_and_score(
+            data.siloed[train], y[train], data.siloed[test], config.train, seed=config.train.seed + bank
         )
-        scores[test_banks == bank] = predict_scores(model, x_test)
     return scores
 
 
