@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -33,20 +34,11 @@ from simulations.scenarios import (
 
 logger = logging.getLogger(__name__)
 
-# Merchant categories: name, share of merchants, median amount, log-amount sigma.
-CATEGORIES = (
-    ("grocery", 0.16, 45.0, 0.6),
-    ("restaurant", 0.16, 28.0, 0.5),
-    ("coffee", 0.08, 6.5, 0.4),
-    ("fuel", 0.08, 55.0, 0.35),
-    ("retail", 0.14, 60.0, 0.8),
-    ("online", 0.12, 40.0, 0.9),
-    ("digital", 0.06, 12.0, 0.7),
-    ("electronics", 0.05, 220.0, 0.9),
-    ("travel", 0.05, 350.0, 0.8),
-    ("health", 0.07, 35.0, 0.7),
-    ("transit", 0.05, 3.2, 0.6),
-)
+# Merchant categories 0-10 (grocery, restaurant, coffee, fuel, retail, online, digital, electronics, travel,
+# health, transit): share of merchants, median amount and log-amount sigma of each.
+CATEGORY_SHARE = np.array([0.16, 0.16, 0.08, 0.08, 0.14, 0.12, 0.06, 0.05, 0.05, 0.07, 0.05])
+CATEGORY_MEDIAN = np.array([45.0, 28.0, 6.5, 55.0, 60.0, 40.0, 12.0, 220.0, 350.0, 35.0, 3.2])
+CATEGORY_SIGMA = np.array([0.6, 0.5, 0.4, 0.35, 0.8, 0.9, 0.7, 0.9, 0.8, 0.7, 0.6])
 WEEKDAY_WEIGHTS = np.array([1.0, 1.0, 1.02, 1.05, 1.2, 1.1, 0.75])  # Monday .. Sunday
 POPULARITY_SIGMA = 1.3  # log-normal merchant popularity: heavy-tailed
 MERCHANT_SCALE_SIGMA = 0.25  # a merchant's amount level around its category's
@@ -57,25 +49,34 @@ FAVOURITE_SHARE = 0.9  # share of a card's transactions at its personal merchant
 MIN_BANK_SHARE = 0.01
 MANIFEST = "manifest.json"
 FORMATS = ("parquet", "csv")
-_INT_FIELDS = {
+# Allowed ranges of the numeric settings (integers where the default is an integer).
+_LIMITS: dict[str, tuple[float, float]] = {
     "banks": (1, 100),
-    "cards": (1, None),
-    "merchants": (10, None),
-    "days": (1, None),
-    "seed": (0, None),
-    "compromise_min_days": (1, None),
-    "compromise_max_days": (1, None),
-}
-_FLOAT_FIELDS = {
+    "cards": (1, math.inf),
+    "merchants": (10, math.inf),
+    "days": (1, math.inf),
+    "seed": (0, math.inf),
     "zipf_exponent": (0.0, 10.0),
     "tx_per_day": (1e-6, 1000.0),
     "merchant_fraud_rate": (0.0, 0.5),
+    "compromise_min_days": (1, math.inf),
+    "compromise_max_days": (1, math.inf),
     "compromise_min_share": (0.0, 1.0),
     "compromise_max_share": (0.0, 1.0),
     "card_compromise_rate": (0.0, 1.0),
     "card_testing_rate": (0.0, 1.0),
     "high_amount_rate": (0.0, 0.5),
 }
+
+
+def _check_number(name: str, value: object, integer: bool) -> None:
+    """Raise ValueError naming `name` unless `value` is a number (an integer if asked) within its limits."""
+    low, high = _LIMITS[name]
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ValueError(f"{name}: expected {'an integer' if integer else 'a number'}, got {value!r}")
+    if not low <= float(value) <= high:
+        raise ValueError(f"{name}: must be in [{low:g}, {high:g}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -101,18 +102,9 @@ class GeneratorConfig:
 
     def __post_init__(self) -> None:
         """Refuse a setting of the wrong type or out of range with a ValueError naming the field."""
-        for name, (low, high) in _INT_FIELDS.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise ValueError(f"{name}: expected an integer, got {value!r}")
-            if value < low or (high is not None and value > high):
-                bound = "inf" if high is None else high
-                raise ValueError(f"{name}: must be in [{low}, {bound}], got {value}")
-        for name, (lowest, highest) in _FLOAT_FIELDS.items():
-            value = getattr(self, name)
-            number = isinstance(value, int | float | np.number) and not isinstance(value, bool)
-            if not number or not lowest <= value <= highest:
-                raise ValueError(f"{name}: must be a number in [{lowest}, {highest}], got {value!r}")
+        for item in dataclasses.fields(self):
+            if item.name in _LIMITS:
+                _check_number(item.name, getattr(self, item.name), isinstance(item.default, int))
         if self.cards < self.banks:
             raise ValueError(f"cards: need at least one card per bank ({self.banks}), got {self.cards}")
         if self.compromise_max_days < self.compromise_min_days:
@@ -151,12 +143,11 @@ def _bank_card_counts(config: GeneratorConfig) -> np.ndarray:
 
 def _build_world(rng: np.random.Generator, config: GeneratorConfig) -> tuple[World, np.ndarray, np.ndarray]:
     """Draw merchants and cards; also return merchants' log-amount location and sigma."""
-    share = np.array([c[1] for c in CATEGORIES])
-    category = rng.choice(len(CATEGORIES), size=config.merchants, p=share / share.sum())
+    category = rng.choice(CATEGORY_SHARE.size, size=config.merchants, p=CATEGORY_SHARE / CATEGORY_SHARE.sum())
     popularity = rng.lognormal(0.0, POPULARITY_SIGMA, size=config.merchants)
-    mu = np.log(np.array([c[2] for c in CATEGORIES]))[category]
+    mu = np.log(CATEGORY_MEDIAN)[category]
     mu += rng.normal(0.0, MERCHANT_SCALE_SIGMA, size=config.merchants)
-    sigma = np.array([c[3] for c in CATEGORIES])[category]
+    sigma = CATEGORY_SIGMA[category]
     card_bank = rng.permutation(np.repeat(np.arange(config.banks), _bank_card_counts(config)))
     card_scale = rng.lognormal(0.0, CARD_SCALE_SIGMA, size=config.cards)
     world = World(popularity / popularity.sum(), category, card_bank, card_scale)

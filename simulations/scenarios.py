@@ -21,47 +21,19 @@ NONE, COMPROMISED_MERCHANT, COMPROMISED_CARD, CARD_TESTING, HIGH_AMOUNT = range(
 DAY = 86_400
 # Share of a day's transactions in each hour: a daytime peak (late morning to evening), few at night.
 HOUR_WEIGHTS = np.array(
-    [
-        0.8,
-        0.5,
-        0.3,
-        0.25,
-        0.3,
-        0.6,
-        1.5,
-        3.0,
-        4.5,
-        5.5,
-        6.0,
-        6.5,
-        7.5,
-        7.0,
-        6.5,
-        6.5,
-        7.0,
-        7.5,
-        7.5,
-        7.0,
-        6.0,
-        4.5,
-        3.0,
-        1.8,
-    ]
+    [8, 5, 3, 2.5, 3, 6, 15, 30, 45, 55, 60, 65, 75, 70, 65, 65, 70, 75, 75, 70, 60, 45, 30, 18]
 )
 HOUR_P = HOUR_WEIGHTS / HOUR_WEIGHTS.sum()
 NIGHT_HOURS = 6
-# Compromised merchants are small shops (skimmers, breached tills), not chains: their volume lies between
-# these quantiles of merchant volume, so that each bank sees only a handful of their transactions.
-COMPROMISE_VOLUME_QUANTILES = (0.02, 0.35)
-CARD_TESTING_CATEGORIES = (5, 6)  # online and digital goods (indices into generate.CATEGORIES)
+# Compromised merchants are small shops (skimmers, breached tills), not chains: this many transactions a
+# month over all banks, so that each bank sees only a handful of them and only the consortium sees the rate.
+SMALL_SHOP_MONTHLY = (10.0, 80.0)
+CARD_TESTING_CATEGORIES = (5, 6)  # online and digital goods (category indices, see generate.CATEGORY_SHARE)
 FRAUD_MERCHANT_POWER = 1.0  # weight of merchants for fraud rows: popularity ** power
-TYPICAL_AMOUNT = 40.0
+TYPICAL_AMOUNT = 40.0  # median everyday amount of a card with scale 1
 SPREE_AMOUNT_FACTOR = 5.0  # spree amounts: this many times the card's typical amount (median)
 SPREE_NIGHT_SHARE = 0.45  # share of spree transactions moved to the night
-HIGH_AMOUNT_RANGE = (
-    1500.0,
-    10_000.0,
-)  # log-uniform amounts of high-amount frauds  # median everyday amount of a card with scale 1
+HIGH_AMOUNT_RANGE = (1500.0, 10_000.0)  # log-uniform amounts of high-amount frauds
 
 
 @dataclass(frozen=True)
@@ -128,8 +100,8 @@ def compromise_merchants(
 ) -> int:
     """Relabel a share of all transactions at merchants compromised for weeks; return how many merchants.
 
-    Small merchants are drawn in random order until the expected number of frauds
-    reaches `merchant_fraud_rate` of the rows; frauds are ordinary rows (cards of every bank, usual
+    Small shops are drawn in random order until the expected number of frauds reaches
+    `merchant_fraud_rate` of the rows; frauds are ordinary rows (cards of every bank, usual
     amounts and hours) so that only the merchant's consortium-wide fraud rate reveals them.
     """
     days = config.days
@@ -138,8 +110,9 @@ def compromise_merchants(
     cumulative = np.zeros((n_merchants, days + 1))
     cumulative[:, 1:] = counts.cumsum(axis=1)
     volume = cumulative[:, -1]
-    low, high = np.quantile(volume, COMPROMISE_VOLUME_QUANTILES)
-    order = rng.permutation(np.flatnonzero((volume >= low) & (volume <= high)))
+    monthly = volume * 30.0 / days
+    small = np.flatnonzero((monthly >= SMALL_SHOP_MONTHLY[0]) & (monthly <= SMALL_SHOP_MONTHLY[1]))
+    order = rng.permutation(small if small.size else np.flatnonzero(volume > 0))
     length = rng.integers(config.compromise_min_days, config.compromise_max_days + 1, size=order.size)
     start = rng.integers(-length, days)  # as many compromises active on every day of the period
     share = rng.uniform(config.compromise_min_share, config.compromise_max_share, size=order.size)
