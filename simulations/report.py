@@ -125,10 +125,10 @@ def _plot_rounds(metrics: dict[str, Any], out: Path) -> list[str]:
     for method, rounds in runs.items():
         points = [(r["round"], r["global"]["ap"]) for r in rounds if r.get("global")]
         ax.plot(*zip(*points, strict=True), marker="o", label=LABELS.get(method, method))
-    for method, values in metrics.get("baselines", {}).items():
+    for i, (method, values) in enumerate(metrics.get("baselines", {}).items()):
         if values.get("ap") is not None:
             ax.axhline(
-                values["ap"], linestyle="--", linewidth=1, label=LABELS.get(method, method), color=None
+                values["ap"], linestyle="--", linewidth=1, color=f"C{i + 1}", label=LABELS.get(method, method)
             )
     ax.set(xlabel="round", ylabel="average precision (test window)", title="AP per round")
     ax.legend(fontsize=7)
