@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -166,13 +166,15 @@ def demo(
 ) -> None:
     """Generate a synthetic consortium, train every method on it, and print the comparison table."""
     config = load_config({"seed": seed})
-    with tempfile.TemporaryDirectory(prefix="fedfraud-demo-") as tmp, console.status("generating") as status:
+    data = out.with_name(f"{out.name}-data")  # kept, so that `fedfraud simulate --data` can rerun on it
+    with console.status("generating") as status:
         gen = GeneratorConfig(banks=banks, cards=cards, merchants=merchants, days=days, seed=seed)
         frame = generate_consortium(gen)
-        write_consortium(frame, Path(tmp) / "banks", config=gen)
-        status.update(f"{len(frame):,} transactions in {banks} banks")
+        shutil.rmtree(data, ignore_errors=True)
+        write_consortium(frame, data, config=gen)
+        status.update(f"{len(frame):,} transactions in {banks} banks ({data})")
         metrics = run_simulate(
-            DataSource(path=Path(tmp) / "banks"),
+            DataSource(path=data),
             config,
             out,
             overwrite=True,
