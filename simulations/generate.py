@@ -94,7 +94,9 @@ class GeneratorConfig:
     merchant_fraud_rate: float = 0.003  # share of rows that are frauds at compromised merchants
     compromise_min_days: int = 42  # a merchant stays compromised for min..max days (6-13 weeks)
     compromise_max_days: int = 90
-    compromise_min_share: float = 0.3  # share of a compromised merchant's transactions that are fraud
+    # Share of a compromised merchant's transactions that are fraud. 0.3-0.6 measured the clearest pooled vs
+    # siloed gap with fedfraud's own MLP (AP 0.381 vs 0.262 on the demo); 0.15-0.4 does better with HGB.
+    compromise_min_share: float = 0.3
     compromise_max_share: float = 0.6
     card_compromise_rate: float = 2e-4  # spend sprees per card and day
     card_testing_rate: float = 5e-5  # card-testing bursts per card and day

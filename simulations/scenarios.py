@@ -1,6 +1,8 @@
-"""Fraud scenarios of the synthetic consortium: each relabels ordinary rows or adds labelled ones.
+"""Fraud scenarios of the synthetic consortium (each relabels everyday rows or adds labelled ones).
 
-Scenario codes index `SCENARIOS`; code 0 is an ordinary (legitimate) transaction, every other code is fraud.
+`World` holds the drawn population (merchants, cards) and `Batch` a block of rows, both built by
+`simulations.generate`. Scenario codes index `SCENARIOS`: code 0 is a legitimate transaction, any other
+code is fraud.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ NIGHT_HOURS = 6
 # month over all banks, so that each bank sees only a handful of them and only the consortium sees the rate.
 SMALL_SHOP_MONTHLY = (10.0, 80.0)
 CARD_TESTING_CATEGORIES = (5, 6)  # online and digital goods (category indices, see generate.CATEGORY_SHARE)
-FRAUD_MERCHANT_POWER = 1.0  # weight of merchants for fraud rows: popularity ** power
 TYPICAL_AMOUNT = 40.0  # median everyday amount of a card with scale 1
 SPREE_AMOUNT_FACTOR = 5.0  # spree amounts: this many times the card's typical amount (median)
 SPREE_NIGHT_SHARE = 0.45  # share of spree transactions moved to the night
@@ -85,9 +86,9 @@ def _event_count(rng: np.random.Generator, expected: float) -> int:
 def _fraud_merchants(
     rng: np.random.Generator, world: World, n: int, pool: np.ndarray | None = None
 ) -> np.ndarray:
-    """Merchants for fraud rows: from `pool` (default all), popularity flattened so small shops are hit."""
+    """Draw merchants for fraud rows by popularity, from `pool` (all merchants when absent or empty)."""
     pool = np.arange(world.merchant_p.size) if pool is None or pool.size == 0 else pool
-    weight = world.merchant_p[pool] ** FRAUD_MERCHANT_POWER
+    weight = world.merchant_p[pool]
     return rng.choice(pool, size=n, p=weight / weight.sum())
 
 

@@ -94,8 +94,8 @@ def test_daily_and_weekly_cycles(frame):
     assert (hour < 5).mean() < 0.05
     assert hour.between(10, 19).mean() > 0.5
     per_day = frame.groupby(frame["timestamp"].dt.normalize()).size()
-    sundays = per_day[per_day.index.dayofweek == 6].mean()
-    fridays = per_day[per_day.index.dayofweek == 4].mean()
+    sundays = per_day[per_day.index.day_of_week == 6].mean()
+    fridays = per_day[per_day.index.day_of_week == 4].mean()
     assert sundays < 0.85 * fridays
 
 
@@ -118,6 +118,17 @@ def test_compromised_merchant_frauds_come_from_several_banks(frame):
     per_merchant = cm.groupby("merchant_id")["bank_id"].nunique()
     assert per_merchant.median() >= 2
     assert per_merchant.max() >= 3
+
+
+def test_compromised_merchants_are_small_shops_each_bank_sees_a_handful(frame):
+    months = SMALL.days / 30
+    compromised = frame.loc[frame["scenario"] == "compromised_merchant", "merchant_id"].unique()
+    rows = frame[frame["merchant_id"].isin(compromised)]
+    monthly = rows.groupby("merchant_id").size() / months
+    assert monthly.between(5, 100).mean() > 0.9
+    per_bank = rows.groupby(["merchant_id", "bank_id"]).size().unstack(fill_value=0) / months
+    assert per_bank[SMALL.banks - 1].median() <= 5  # the smallest bank: a handful a month
+    assert per_bank.sum(axis=1).median() > 3 * per_bank[SMALL.banks - 1].median()
 
 
 def test_compromised_merchant_frauds_look_ordinary(frame):
