@@ -31,6 +31,10 @@ class BankData:
     test_cards: np.ndarray | None
     test_days: np.ndarray | None
     feature_names: tuple[str, ...]
+    frame: pd.DataFrame | None = None
+    """The bank's canonical rows (transactions mode), for its entity statistics."""
+    train_mask: np.ndarray | None = None
+    test_mask: np.ndarray | None = None
 
     def stats_vector(self) -> np.ndarray:
         """Means of x and x^2 per feature (clipped) and the train-window fraud rate, for the stats round."""
@@ -80,6 +84,9 @@ def _load_cached(
         test_cards=test["card_id"].to_numpy() if dated else None,
         test_days=test["timestamp"].dt.floor("D").to_numpy() if dated else None,
         feature_names=tuple(names),
+        frame=frame if features is None else None,
+        train_mask=windows.train,
+        test_mask=windows.test,
     )
 
 

@@ -15,18 +15,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import Client, NumPyClient
 from flwr.client.mod import fixedclipping_mod
 from flwr.clientapp import ClientApp
 
 from clients.bank import BankData, load_bank
 from clients.data import parse_columns
+from clients.entity_round import table_share, with_consortium
 from clients.ledger import BankLedger
 from clients.local import evaluate_round, train_round
 from clients.mods import optional_secaggplus_mod, scrub_plaintext_mod, skip_for_stats
 from models.config import FedFraudConfig, parse_config
-from models.federation import BANK_STATE, KEY_PROXIMAL_MU, KEY_ROUND, KEY_SPEC, TASK, TASK_STATS
+from models.federation import (
+    BANK_STATE,
+    ENTITY_RELEASE,
+    ENTITY_TABLE,
+    KEY_ENTITY,
+    KEY_PROXIMAL_MU,
+    KEY_ROUND,
+    KEY_SPEC,
+    TASK,
+    TASK_ENTITY,
+    TASK_PUBLISH,
+    TASK_STATS,
+)
 from models.spec import FeatureSpec
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -62,6 +75,10 @@ class BankClient(NumPyClient):
             saved = ledger.load()
             if saved:
                 context.state.config_records[BANK_STATE] = ConfigRecord(saved)
+        published = context.state.array_records.get(ENTITY_TABLE)
+        if published is not None:  # the consortium's entity table: add its features to the local ones
+            release = str(context.state.config_records[ENTITY_RELEASE]["release"])
+            self.data = with_consortium(data, published.to_numpy_ndarrays()[0], release)
 
     def _ledger(self) -> dict[str, Any] | None:
         record = self.context.state.config_records.get(BANK_STATE)
@@ -72,6 +89,14 @@ class BankClient(NumPyClient):
         if config.get(TASK) == TASK_STATS:
             scales = np.asarray(parameters[0], dtype=np.float64)
             return [self.data.stats_vector() / scales], len(self.data.y_train), {}
+        if config.get(TASK) == TASK_ENTITY:  # weight 1: the masked mean times the banks is the exact sum
+            return [table_share(self.data, str(config[KEY_ENTITY]))], 1, {}
+        if config.get(TASK) == TASK_PUBLISH:
+            self.context.state.array_records[ENTITY_TABLE] = ArrayRecord(numpy_ndarrays=[parameters[0]])
+            self.context.state.config_records[ENTITY_RELEASE] = ConfigRecord(
+                {"release": str(config[KEY_ENTITY])}
+            )
+            return [np.zeros(1)], 0, {}
         spec = FeatureSpec.from_json(str(config[KEY_SPEC]))
         outcome = train_round(
             self.data,

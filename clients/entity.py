@@ -21,7 +21,16 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from models.feature_names import WINDOWS_DAYS
+from models.feature_names import CONSORTIUM_FEATURES, WINDOWS_DAYS
+
+__all__ = [
+    "CONSORTIUM_FEATURES",
+    "EntityTableSpec",
+    "bucket_ids",
+    "collision_report",
+    "consortium_features",
+    "local_table",
+]
 
 __all__ = [
     "CONSORTIUM_FEATURES",
@@ -33,10 +42,6 @@ __all__ = [
 ]
 logger = logging.getLogger(__name__)
 
-CONSORTIUM_FEATURES: tuple[str, ...] = (
-    *(f"consortium_count_{w}d" for w in WINDOWS_DAYS),
-    *(f"consortium_fraud_rate_{w}d" for w in WINDOWS_DAYS),
-)
 NS_PER_DAY = 24 * 3600 * 1_000_000_000
 _MIN_BUCKETS = 2**8
 _MAX_BUCKETS = 2**22

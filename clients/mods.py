@@ -9,7 +9,7 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from models.federation import TASK, TASK_STATS
+from models.federation import TASK, TASK_TRAIN
 
 CallNext = Callable[[Message, Context], Message]
 Mod = Callable[[Message, Context, CallNext], Message]
@@ -38,11 +38,11 @@ def optional_secaggplus_mod(msg: Message, ctxt: Context, call_next: CallNext) ->
 
 
 def skip_for_stats(mod: Mod) -> Mod:
-    """Wrap a TRAIN mod (e.g. client-level DP clipping) so that it leaves the statistics round alone."""
+    """Wrap a TRAIN mod (e.g. client-level DP clipping) so that it acts on training rounds only."""
 
     def wrapped(msg: Message, ctxt: Context, call_next: CallNext) -> Message:
         config = msg.content.config_records.get("fitins.config")
-        if config is not None and config.get(TASK) == TASK_STATS:
+        if config is not None and config.get(TASK) != TASK_TRAIN:
             return call_next(msg, ctxt)
         return mod(msg, ctxt, call_next)
 

@@ -94,6 +94,24 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class EntityConfig:
+    """Consortium entity features: which column, hash buckets, the release's privacy and its day range."""
+
+    entity_features: str
+    entity_epsilon: float
+    entity_delta: float
+    entity_buckets: int
+    entity_start: str
+    entity_days: int
+    entity_key: str
+
+    @property
+    def enabled(self) -> bool:
+        """Whether an entity statistics round runs before training."""
+        return bool(self.entity_features)
+
+
+@dataclass(frozen=True)
 class FedFraudConfig:
     """All settings of a run, resolved from pyproject defaults and overrides."""
 
@@ -101,11 +119,12 @@ class FedFraudConfig:
     train: TrainConfig
     federation: FederationConfig
     privacy: PrivacyConfig
+    entity: EntityConfig
 
     def to_dict(self) -> dict[str, Any]:
         """Return the resolved settings as kebab-case keys (what `config.json` records)."""
         out: dict[str, Any] = {}
-        for section in (self.split, self.train, self.federation, self.privacy):
+        for section in (self.split, self.train, self.federation, self.privacy, self.entity):
             for f in fields(section):
                 value = getattr(section, f.name)
                 if isinstance(value, dict):
@@ -186,7 +205,7 @@ def _bank_epsilons(value: Any) -> dict[int, float]:
     return out
 
 
-SECTIONS = (SplitConfig, TrainConfig, FederationConfig, PrivacyConfig)
+SECTIONS = (SplitConfig, TrainConfig, FederationConfig, PrivacyConfig, EntityConfig)
 
 
 def parse_config(raw: Mapping[str, Any]) -> FedFraudConfig:
@@ -223,7 +242,9 @@ def parse_config(raw: Mapping[str, Any]) -> FedFraudConfig:
         ),
         seed=_value(raw, "seed", int, nonneg, "a non-negative integer"),
     )
-    return FedFraudConfig(split=split, train=train, federation=_federation(raw), privacy=_privacy(raw))
+    return FedFraudConfig(
+        split=split, train=train, federation=_federation(raw), privacy=_privacy(raw), entity=_entity(raw)
+    )
 
 
 def _federation(raw: Mapping[str, Any]) -> FederationConfig:
@@ -284,3 +305,37 @@ def load_config(overrides: Mapping[str, Any] | None = None, *, path: Path = PYPR
     raw = read_defaults(path)
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return parse_config(raw)
+
+
+def _entity(raw: Mapping[str, Any]) -> EntityConfig:
+    return EntityConfig(
+        entity_features=_value(
+            raw,
+            "entity-features",
+            str,
+            lambda v: v in ("", "merchant_id") or v.isidentifier(),
+            "empty (off) or an entity column such as merchant_id",
+        ),
+        entity_epsilon=_value(
+            raw, "entity-epsilon", float, lambda v: v > 0, "a positive epsilon (or inf: no noise)"
+        ),
+        entity_delta=_value(raw, "entity-delta", float, lambda v: 0 < v < 1, "a delta in (0, 1)"),
+        entity_buckets=_value(
+            raw,
+            "entity-buckets",
+            int,
+            lambda v: 2**8 <= v <= 2**22 and v & (v - 1) == 0,
+            "a power of two in [256, 4194304]",
+        ),
+        entity_start=_value(raw, "entity-start", str, _is_date_or_empty, "empty or a date YYYY-MM-DD"),
+        entity_days=_value(
+            raw, "entity-days", int, lambda v: v >= 0, "0 (from the data) or a number of days"
+        ),
+        entity_key=_value(
+            raw,
+            "entity-key",
+            str,
+            lambda v: all(c in "0123456789abcdef" for c in v.lower()),
+            "empty (a fresh key per run) or a hex string",
+        ),
+    )

@@ -14,3 +14,10 @@ LOCAL_FEATURES: tuple[str, ...] = (
     *(f"{stat}_{w}d" for stat in _CARD_STATS for w in WINDOWS_DAYS),
     *(f"{stat}_{w}d" for stat in _MERCHANT_STATS for w in WINDOWS_DAYS),
 )
+
+CONSORTIUM_VERSION = "consortium-v1"
+CONSORTIUM_FEATURES: tuple[str, ...] = (
+    *(f"consortium_count_{w}d" for w in WINDOWS_DAYS),
+    *(f"consortium_fraud_rate_{w}d" for w in WINDOWS_DAYS),
+)
+"""Merchant statistics over all banks (a secure, DP-noised release), appended to the local features."""

@@ -26,10 +26,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from models.config import FedFraudConfig, parse_config
 from models.feature_names import FEATURE_VERSION, LOCAL_FEATURES
-from models.federation import CLIPPING_RANGE, MAX_WEIGHT, STATS_CLIP
+from models.federation import CLIPPING_RANGE, MAX_WEIGHT, STATS_CLIP, TASK, TASK_STATS
 from models.nets import build_model, get_weights, init_output_bias
 from models.spec import FeatureSpec, FeatureStats
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server.entity_release import entity_round
+from server.rounds import run_round
 from server.secagg import SecAggParams, choose_secagg
 from server.strategy import SecureMeanStrategy, build_strategy
 
@@ -51,6 +53,8 @@ class ServerSettings:
     feature_version: str
     checkpoint_dir: Path | None = None
     max_weight: float = MAX_WEIGHT
+    entity_start: str = ""
+    entity_days: int = 0
     sink: dict[str, Any] = field(default_factory=dict)
     on_progress: Callable[[str], None] | None = None
 
@@ -64,19 +68,22 @@ def stats_round(grid: Grid, context: Context, settings: ServerSettings) -> Featu
     n_features = len(settings.feature_names)
     bounds = np.concatenate([np.full(n_features, STATS_CLIP), np.full(n_features, STATS_CLIP**2), [1.0]])
     scales = bounds / CLIPPING_RANGE
-    strategy = SecureMeanStrategy(scales=scales, n_banks=settings.n_banks, sink=settings.sink)
+    strategy = SecureMeanStrategy(
+        payload=[scales],
+        config={TASK: TASK_STATS},
+        n_banks=settings.n_banks,
+        sink=settings.sink,
+        key="stats_mean",
+    )
     params = None
     if settings.config.federation.secagg:
         q = 2 ** int(math.log2((settings.config.federation.secagg_modulus_range - 1) // settings.n_banks))
         params = choose_secagg(settings.n_banks, settings.config.federation, max_weight=settings.max_weight)
         params = SecAggParams(**{**params.workflow_kwargs(), "quantization_range": q})
-    workflow = DefaultWorkflow(
-        fit_workflow=_fit_workflow(settings, params), evaluate_workflow=lambda g, c: None
-    )
-    workflow(grid, LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy))
+    run_round(grid, context, strategy, secagg=params.workflow_kwargs() if params is not None else None)
     if "stats_mean" not in settings.sink:
         raise FederationError("the secure statistics round produced no result (too few banks answered)")
-    moments = np.asarray(settings.sink["stats_mean"], dtype=np.float64)
+    moments = np.asarray(settings.sink["stats_mean"], dtype=np.float64) * scales
     stats = FeatureStats(count=1.0, total=moments[:n_features], total_sq=moments[n_features : 2 * n_features])
     settings.sink["fraud_rate"] = float(np.clip(moments[-1], 1e-6, 0.5))
     return FeatureSpec.from_stats(
@@ -172,6 +179,8 @@ def run_federation(grid: Grid, context: Context, settings: ServerSettings) -> No
         logger.info("resuming after round %d from %s", start.round, settings.checkpoint_dir)
         spec_json, initial = start.spec_json, start.weights
     else:
+        if config.entity.enabled:
+            entity_round(grid, context, settings)
         spec_json = stats_round(grid, context, settings).to_json()
         initial = initial_weights(config, len(settings.feature_names), settings.sink["fraud_rate"])
     settings.sink.update(spec_json=spec_json, weights=initial)

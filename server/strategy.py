@@ -26,7 +26,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from models.config import FedFraudConfig
-from models.federation import CLIPPING_RANGE, KEY_ROUND, KEY_SPEC, TASK, TASK_STATS, TASK_TRAIN
+from models.federation import CLIPPING_RANGE, KEY_ROUND, KEY_SPEC, TASK, TASK_PUBLISH, TASK_TRAIN
 
 logger = logging.getLogger(__name__)
 RoundHook = Callable[[int, dict[str, Any]], None]
@@ -138,38 +138,53 @@ def build_strategy(
 
 
 class SecureMeanStrategy(FedAvg):
-    """One fit round whose aggregate is the example-weighted mean of the banks' statistics vectors."""
+    """One fit round (a task, its payload) whose aggregate is the weighted mean of the banks' vectors.
 
-    def __init__(self, *, scales: np.ndarray, n_banks: int, sink: dict[str, Any]) -> None:
+    Under SecAgg+ every result already carries that mean: the server never holds a single bank's vector.
+    The mean lands in `sink[key]`, the number of answering banks in `sink[key + "_results"]`; `publish`
+    rounds (the payload goes out, nothing comes back) keep nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        payload: list[np.ndarray],
+        config: dict[str, Scalar],
+        n_banks: int,
+        sink: dict[str, Any],
+        key: str,
+    ) -> None:
         super().__init__(
             fraction_fit=1.0,
             fraction_evaluate=0.0,
             min_fit_clients=n_banks,
             min_available_clients=n_banks,
-            initial_parameters=ndarrays_to_parameters([scales]),
+            initial_parameters=ndarrays_to_parameters(payload),
             fit_metrics_aggregation_fn=lambda _: {},
         )
-        self.scales, self.sink = scales, sink
+        self.config, self.sink, self.key = config, sink, key
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Send the public scales with the statistics task."""
+        """Send the payload with the round's task."""
         pairs = super().configure_fit(server_round, parameters, client_manager)
-        return [(client, FitIns(parameters, {TASK: TASK_STATS})) for client, _ in pairs]
+        return [(client, FitIns(parameters, dict(self.config))) for client, _ in pairs]
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Keep the weighted mean (rescaled); never an individual bank's vector under SecAgg+."""
-        self.sink["stats_results"] = len(results)
+        """Keep the mean of the banks' vectors (under SecAgg+ the only thing the server ever sees)."""
+        self.sink[f"{self.key}_results"] = len(results)
+        if self.config.get(TASK) == TASK_PUBLISH or not results:
+            return None, {}
         params, _ = super().aggregate_fit(server_round, results, failures)
         if params is not None:
-            self.sink["stats_mean"] = parameters_to_ndarrays(params)[0] * self.scales
-        return params, {}
+            self.sink[self.key] = parameters_to_ndarrays(params)[0]
+        return None, {}
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """No evaluation in the statistics round."""
+        """No evaluation in these rounds."""
         return []

@@ -24,6 +24,8 @@ class MethodResult:
     scores: np.ndarray
     details: dict[str, Any] = field(default_factory=dict)
     weights: list[np.ndarray] | None = None
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    """Large or private outputs kept out of metrics.json (e.g. the published entity table)."""
 
 
 Method = Callable[[Prepared, FedFraudConfig], "np.ndarray | MethodResult"]

@@ -21,7 +21,7 @@ from clients.data import DataError, parse_columns
 from models.config import ConfigError, load_config
 from simulations.baselines import BASELINES, Method
 from simulations.dataset import DataSource
-from simulations.federated import EngineOptions, run_federated
+from simulations.federated import EngineOptions, run_federated, without_entity
 from simulations.generate import GeneratorConfig, generate_consortium, write_consortium
 from simulations.harness import simulate as run_simulate
 from simulations.report import COLUMNS, LABELS, comparison_rows, render_results_dir
@@ -59,13 +59,18 @@ def generate(
 ENGINES = ("flower", "none")
 
 
-def _methods(engine: str, options: EngineOptions, progress: Callable[[str], None]) -> dict[str, Method]:
-    """The baselines plus federated training on the chosen engine."""
+def _methods(
+    engine: str, options: EngineOptions, progress: Callable[[str], None], *, entity: bool
+) -> dict[str, Method]:
+    """The baselines, federated training on the chosen engine, and with consortium entity features."""
     if engine not in ENGINES:
         raise ConfigError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
     methods = dict(BASELINES)
     if engine == "flower":
-        methods["federated"] = functools.partial(run_federated, engine=options, progress=progress)
+        run = functools.partial(run_federated, engine=options, progress=progress)
+        methods["federated"] = lambda data, config: run(data, without_entity(config))
+        if entity:
+            methods["federated_entity"] = run
     return methods
 
 
@@ -106,6 +111,13 @@ def simulate(
     dp_delta: Annotated[float | None, Opt(help="DP delta.")] = None,
     secagg: Annotated[bool | None, Opt("--secagg/--no-secagg", help="SecAgg+ masked aggregation.")] = None,
     central_dp: Annotated[bool | None, Opt("--central-dp/--no-central-dp", help="Client-level DP.")] = None,
+    entity_features: Annotated[
+        str | None, Opt(help="Federate this entity's statistics (merchant_id).")
+    ] = None,
+    entity_epsilon: Annotated[
+        float | None, Opt(help="Epsilon of the entity release (inf: no noise).")
+    ] = None,
+    entity_buckets: Annotated[int | None, Opt(help="Hash buckets of the entity table.")] = None,
     num_cpus: Annotated[float, Opt(help="CPUs per simulated bank (Ray).")] = 1.0,
     num_gpus: Annotated[float, Opt(help="GPUs per simulated bank (Ray); >0 uses the GPU.")] = 0.0,
     ray_address: Annotated[str | None, Opt(help="Attach to an existing Ray cluster (e.g. auto).")] = None,
@@ -131,6 +143,9 @@ def simulate(
             dp_delta=dp_delta,
             secagg=secagg,
             central_dp=central_dp,
+            entity_features=entity_features,
+            entity_epsilon=entity_epsilon,
+            entity_buckets=entity_buckets,
         )
     )
     source = DataSource(
@@ -147,7 +162,7 @@ def simulate(
         num_cpus=num_cpus, num_gpus=num_gpus, ray_address=ray_address, checkpoint_dir=checkpoint_dir
     )
     with console.status("starting") as status:
-        methods = _methods(engine, options, status.update)
+        methods = _methods(engine, options, status.update, entity=config.entity.enabled)
         metrics = run_simulate(
             source, config, out, overwrite=overwrite, methods=methods, progress=status.update
         )
@@ -165,7 +180,7 @@ def demo(
     seed: Annotated[int, Opt(help="Random seed.")] = 0,
 ) -> None:
     """Generate a synthetic consortium, train every method on it, and print the comparison table."""
-    config = load_config({"seed": seed})
+    config = load_config({"seed": seed, "entity-features": "merchant_id"})
     data = out.with_name(f"{out.name}-data")  # kept, so that `fedfraud simulate --data` can rerun on it
     with console.status("generating") as status:
         gen = GeneratorConfig(banks=banks, cards=cards, merchants=merchants, days=days, seed=seed)
@@ -178,7 +193,7 @@ def demo(
             config,
             out,
             overwrite=True,
-            methods=_methods("flower", EngineOptions(), status.update),
+            methods=_methods("flower", EngineOptions(), status.update, entity=True),
             progress=status.update,
         )
     _print_table(metrics)

@@ -22,7 +22,10 @@ import pandas as pd
 import torch
 
 from clients.client_app import BankSettings, make_client_app
-from models.config import FedFraudConfig
+from clients.entity import consortium_features
+from clients.entity_round import release_spec
+from models.config import ConfigError, FedFraudConfig
+from models.feature_names import CONSORTIUM_FEATURES, CONSORTIUM_VERSION
 from models.metrics import fraud_metrics
 from models.nets import build_model, set_weights
 from models.spec import FeatureSpec
@@ -64,16 +67,42 @@ def write_bank_files(data: Prepared, directory: Path) -> dict[int, tuple[int, st
     return out
 
 
+def _test_features(data: Prepared, sink: dict[str, Any]) -> np.ndarray:
+    """Each test row's features as its bank computes them: local, plus consortium ones after a release."""
+    x = data.siloed[data.split.test]
+    if "entity_table" not in sink:
+        return x
+    release = json.loads(sink["entity_release"])
+    extra = consortium_features(
+        data.frame.loc[data.split.test],
+        sink["entity_table"],
+        release_spec(release),
+        key=bytes.fromhex(release["key"]),
+    )
+    return np.hstack([x, extra.to_numpy(np.float32)])
+
+
 def _scores(
-    data: Prepared, config: FedFraudConfig, weights: list[np.ndarray], spec: FeatureSpec
+    config: FedFraudConfig, weights: list[np.ndarray], spec: FeatureSpec, x: np.ndarray
 ) -> np.ndarray:
     model = build_model(config.train.model, len(spec.names), hidden_sizes=config.train.hidden_sizes)
     set_weights(model, weights)
-    return predict_scores(model, spec.transform(data.siloed[data.split.test]))
+    return predict_scores(model, spec.transform(x))
+
+
+def without_entity(config: FedFraudConfig) -> FedFraudConfig:
+    """The same configuration with the entity release switched off (the model-only federated row)."""
+    return dataclasses.replace(config, entity=dataclasses.replace(config.entity, entity_features=""))
+
+
+def _data_days(data: Prepared) -> tuple[str, int]:
+    times = data.frame["timestamp"]
+    first, last = times.min().normalize(), times.max().normalize()
+    return str(first.date()), int((last - first).days) + 1
 
 
 def _round_curves(
-    data: Prepared, config: FedFraudConfig, sink: dict[str, Any], spec: FeatureSpec
+    data: Prepared, config: FedFraudConfig, sink: dict[str, Any], spec: FeatureSpec, x: np.ndarray
 ) -> list[dict[str, Any]]:
     labels = data.rows["is_fraud"].to_numpy()[data.split.test]
     test = data.rows.loc[data.split.test]
@@ -86,7 +115,7 @@ def _round_curves(
         entry = {k: v for k, v in record.items() if k != "weights"}
         if weights is not None:
             entry["global"] = fraud_metrics(
-                labels, _scores(data, config, weights, spec), card_ids=cards, days=days
+                labels, _scores(config, weights, spec, x), card_ids=cards, days=days
             )
         curves.append(entry)
     return curves
@@ -109,15 +138,21 @@ def run_federated(
     logging.getLogger("flwr").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="fedfraud-banks-") as tmp:
         banks = write_bank_files(data, Path(tmp))
+        entity = config.entity.enabled
+        if entity and data.feature_version.startswith("table"):
+            raise ConfigError("config key 'entity-features': a feature table has no entity ids to federate")
+        entity_start, entity_days = _data_days(data) if entity else ("", 0)
         train_rows = [int((data.bank_mask(b) & data.split.train).sum()) for b, _ in banks.values()]
         table = data.feature_names if data.feature_version.startswith("table") else None
         server = ServerSettings(
             config=config,
             n_banks=len(banks),
-            feature_names=data.feature_names,
-            feature_version=data.feature_version,
+            feature_names=data.feature_names + (CONSORTIUM_FEATURES if entity else ()),
+            feature_version=data.feature_version + (f"+{CONSORTIUM_VERSION}" if entity else ""),
             checkpoint_dir=engine.checkpoint_dir,
             max_weight=float(max(train_rows)),
+            entity_start=entity_start,
+            entity_days=entity_days,
             on_progress=progress,
         )
         ledgers = str(engine.checkpoint_dir / "bank-ledgers") if engine.checkpoint_dir else None
@@ -136,12 +171,18 @@ def run_federated(
     if "weights" not in sink or "spec_json" not in sink:
         raise FederationError("the federated run ended without a global model (see the log above)")
     spec = FeatureSpec.from_json(sink["spec_json"])
-    scores = _scores(data, config, sink["weights"], spec)
+    x = _test_features(data, sink)
+    details: dict[str, Any] = {
+        "rounds": _round_curves(data, config, sink, spec, x),
+        "feature_spec": json.loads(sink["spec_json"]),
+    }
+    if "entity_table" in sink:
+        release = json.loads(sink["entity_release"])
+        details["entity_release"] = {k: v for k, v in release.items() if k != "key"}
+        details["entity_release"]["epsilon_achieved"] = sink["entity_epsilon"]
     return MethodResult(
-        scores=scores,
-        details={
-            "rounds": _round_curves(data, config, sink, spec),
-            "feature_spec": json.loads(sink["spec_json"]),
-        },
+        scores=_scores(config, sink["weights"], spec, x),
+        details=details,
         weights=list(sink["weights"]),
+        artifacts={k: v for k, v in sink.items() if k.startswith("entity")},
     )

@@ -9,7 +9,7 @@ from flwr.server.strategy.aggregate import aggregate
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from clients.entity_noise import (
+from models.release_noise import (
     ReleaseNoise,
     achieved_epsilon,
     calibrate_release,

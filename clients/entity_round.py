@@ -1,0 +1,74 @@
+"""A bank's part in the consortium entity release: its noised table share, the published table's features."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+from clients.bank import BankData
+from clients.entity import EntityTableSpec, consortium_features, local_table
+from models.feature_names import CONSORTIUM_FEATURES
+from models.federation import CLIPPING_RANGE
+from models.release_noise import calibrate_release, noise_share
+
+logger = logging.getLogger(__name__)
+
+
+class EntityReleaseError(ValueError):
+    """The bank cannot take part in the entity release (no transactions, or a share beyond the range)."""
+
+
+def release_spec(release: dict[str, Any]) -> EntityTableSpec:
+    """The table's shape from the release announced by the server."""
+    return EntityTableSpec(
+        start=str(release["start"]),
+        days=int(release["days"]),
+        column=str(release["column"]),
+        buckets=int(release["buckets"]),
+        delay_days=int(release["delay"]),
+    )
+
+
+def table_share(data: BankData, release_json: str) -> np.ndarray:
+    """Return the bank's table plus its noise share, scaled for SecAgg+ (the server sees only the sum)."""
+    if data.frame is None:
+        raise EntityReleaseError("entity features need a transactions file (not a feature table)")
+    release = json.loads(release_json)
+    spec = release_spec(release)
+    table = local_table(data.frame, spec, key=bytes.fromhex(release["key"]))
+    noise = calibrate_release(epsilon=float(release["epsilon"]), delta=float(release["delta"]))
+    noisy = table + noise_share(table.shape, noise=noise, n_banks=int(release["banks"]))
+    encoded = noisy / float(release["scale"])
+    if not np.isfinite(encoded).all() or np.abs(encoded).max(initial=0.0) > CLIPPING_RANGE:
+        raise EntityReleaseError(
+            f"entity table share exceeds the agreed bound {release['max_value']} per cell "
+            f"(max {np.abs(noisy).max():.0f}): SecAgg+ would clip it silently"
+        )
+    logger.info(
+        "entity share: %d transactions, %d frauds, noise sigma %.3g",
+        int(table[0].sum()),
+        int(table[1].sum()),
+        noise.sigma,
+    )
+    return encoded.ravel()
+
+
+def with_consortium(data: BankData, table: np.ndarray, release_json: str) -> BankData:
+    """The bank's data with the consortium features (from the published table) appended to its local ones."""
+    if data.frame is None or data.train_mask is None or data.test_mask is None:
+        raise EntityReleaseError("entity features need a transactions file (not a feature table)")
+    release = json.loads(release_json)
+    spec = release_spec(release)
+    extra = consortium_features(
+        data.frame, table.reshape(2, spec.days, spec.buckets), spec, key=bytes.fromhex(release["key"])
+    ).to_numpy(np.float32)
+    return dataclasses.replace(
+        data,
+        x_train=np.hstack([data.x_train, extra[data.train_mask]]),
+        x_test=np.hstack([data.x_test, extra[data.test_mask]]),
+        feature_names=data.feature_names + CONSORTIUM_FEATURES,
+    )

@@ -1,0 +1,101 @@
+"""The consortium entity release: banks' day x bucket tables summed under SecAgg+ with distributed DP noise.
+
+Each bank adds its own noise share before masking, so no party ever sees un-noised totals; the server decodes
+the masked sum exactly (an `ExactSumPlan` proves that it cannot overflow), post-processes it and publishes it
+back to the banks, which derive their consortium features from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+from typing import Any
+
+import numpy as np
+from flwr.app import Context
+from flwr.serverapp import Grid
+
+from models.federation import KEY_ENTITY, TASK, TASK_ENTITY, TASK_PUBLISH
+from models.release_noise import achieved_epsilon, calibrate_release, postprocess, share_bound
+from server.exact_sum import plan_exact_sum
+from server.rounds import run_round
+from server.secagg import choose_secagg
+from server.strategy import SecureMeanStrategy
+
+logger = logging.getLogger(__name__)
+MAX_CELL_COUNT = 100_000
+"""Public bound on one bank's transactions at one bucket on one day (the release's encoding range)."""
+
+
+class EntityReleaseError(RuntimeError):
+    """The entity release produced no table (too few banks answered)."""
+
+
+def announce(settings: Any) -> dict[str, Any]:
+    """The release every bank is told about: table shape, consortium key, privacy and encoding."""
+    cfg, n = settings.config.entity, settings.n_banks
+    start, days = cfg.entity_start or settings.entity_start, cfg.entity_days or settings.entity_days
+    if not start or days < 1:
+        raise EntityReleaseError(
+            "config keys 'entity-start' and 'entity-days' are needed for entity features"
+        )
+    noise = calibrate_release(epsilon=cfg.entity_epsilon, delta=cfg.entity_delta)
+    plan = plan_exact_sum(n_banks=n, max_value=MAX_CELL_COUNT + share_bound(noise, n_banks=n))
+    return {
+        "column": cfg.entity_features,
+        "buckets": cfg.entity_buckets,
+        "start": start,
+        "days": days,
+        "delay": settings.config.split.delay_days,
+        "key": cfg.entity_key or secrets.token_hex(32),
+        "epsilon": cfg.entity_epsilon,
+        "delta": cfg.entity_delta,
+        "banks": n,
+        "scale": plan.scale,
+        "max_value": plan.max_value,
+        "sigma": noise.sigma,
+        "_plan": plan,
+        "_noise": noise,
+    }
+
+
+def entity_round(grid: Grid, context: Context, settings: Any) -> None:
+    """Securely sum the banks' noised tables, decode and post-process them, publish the table to the banks."""
+    release = announce(settings)
+    plan, noise = release.pop("_plan"), release.pop("_noise")
+    public = json.dumps(release)
+    secure = None
+    if settings.config.federation.secagg:  # shares as for training, quantization from the exact-sum plan
+        shares = choose_secagg(settings.n_banks, settings.config.federation).workflow_kwargs()
+        secure = {**shares, **plan.workflow_kwargs()}
+    strategy = SecureMeanStrategy(
+        payload=[np.zeros(1)],
+        config={TASK: TASK_ENTITY, KEY_ENTITY: public},
+        n_banks=settings.n_banks,
+        sink=settings.sink,
+        key="entity_mean",
+    )
+    run_round(grid, context, strategy, secagg=secure)
+    if "entity_mean" not in settings.sink:
+        raise EntityReleaseError("the entity release produced no table (too few banks answered)")
+    contributing = int(settings.sink["entity_mean_results"])
+    total = plan.decode(
+        settings.sink["entity_mean"], contributing=contributing, integers=math.isinf(release["epsilon"])
+    )
+    total = total.reshape(2, int(release["days"]), int(release["buckets"]))
+    table = postprocess(total)
+    epsilon = achieved_epsilon(noise, contributing=contributing, n_banks=settings.n_banks)
+    settings.sink.update(entity_table=table, entity_release=public, entity_epsilon=epsilon, entity_raw=total)
+    logger.info(
+        "entity release: %d banks, %d transactions, epsilon %.3g", contributing, int(table[0].sum()), epsilon
+    )
+    broadcast = SecureMeanStrategy(
+        payload=[table.ravel()],
+        config={TASK: TASK_PUBLISH, KEY_ENTITY: public},
+        n_banks=settings.n_banks,
+        sink=settings.sink,
+        key="entity_publish",
+    )
+    run_round(grid, context, broadcast, secagg=None)
