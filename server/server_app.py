@@ -25,7 +25,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from models.config import FedFraudConfig, parse_config
-from models.feature_names import FEATURE_VERSION, LOCAL_FEATURES
+from models.feature_names import CONSORTIUM_FEATURES, CONSORTIUM_VERSION, FEATURE_VERSION, LOCAL_FEATURES
 from models.federation import CLIPPING_RANGE, MAX_WEIGHT, STATS_CLIP, TASK, TASK_STATS
 from models.nets import build_model, get_weights, init_output_bias
 from models.spec import FeatureSpec, FeatureStats
@@ -229,8 +229,8 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     settings = ServerSettings(
         config=config,
         n_banks=len(nodes),
-        feature_names=LOCAL_FEATURES,
-        feature_version=FEATURE_VERSION,
+        feature_names=LOCAL_FEATURES + (CONSORTIUM_FEATURES if config.entity.enabled else ()),
+        feature_version=FEATURE_VERSION + (f"+{CONSORTIUM_VERSION}" if config.entity.enabled else ""),
         checkpoint_dir=directory,
     )
     run_federation(grid, context, settings)
