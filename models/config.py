@@ -6,23 +6,26 @@ every value is checked here and a bad one is refused with a message naming its k
 
 from __future__ import annotations
 
-import math
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from datetime import date
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from models.config_values import (
+    ConfigError,
+    bank_epsilons,
+    checked,
+    is_date_or_empty,
+    layer_sizes,
+    pos_weight_value,
+)
+
+__all__ = ["ConfigError", "FedFraudConfig", "load_config", "parse_config", "read_defaults"]
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 MODELS = ("mlp", "logreg")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, of the wrong type or out of range; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -151,60 +154,6 @@ def read_defaults(path: Path = PYPROJECT) -> dict[str, Any]:
         raise ConfigError(f"{path}: has no [tool.flwr.app.config] table") from exc
 
 
-def _value(
-    raw: Mapping[str, Any], key: str, kind: Callable[[Any], T], check: Callable[[T], bool], expect: str
-) -> T:
-    if key not in raw:
-        raise ConfigError(f"config key '{key}' is missing")
-    value = raw[key]
-    try:
-        if kind is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
-            raise ValueError
-        if kind is bool and isinstance(value, str):
-            if value.lower() not in ("true", "false"):
-                raise ValueError
-            value = value.lower() == "true"
-        parsed = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"config key '{key}': {value!r} is not {expect}") from None
-    if isinstance(parsed, float) and math.isnan(parsed):
-        raise ConfigError(f"config key '{key}': NaN is not {expect}")
-    if not check(parsed):
-        raise ConfigError(f"config key '{key}': {value!r} is not {expect}")
-    return parsed
-
-
-def _sizes(value: Any) -> tuple[int, ...]:
-    items = value if isinstance(value, list | tuple) else [p for p in str(value).split(",") if p.strip()]
-    return tuple(int(p) for p in items)
-
-
-def _pos_weight(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return None
-    return float(value)
-
-
-def _is_date_or_empty(value: str) -> bool:
-    if not value:
-        return True
-    try:
-        date.fromisoformat(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _bank_epsilons(value: Any) -> dict[int, float]:
-    out = {}
-    for part in (p.strip() for p in str(value).split(",") if p.strip()):
-        bank, _, eps = part.partition(":")
-        out[int(bank)] = float(eps)
-    return out
-
-
 SECTIONS = (SplitConfig, TrainConfig, FederationConfig, PrivacyConfig, EntityConfig)
 
 
@@ -217,30 +166,30 @@ def parse_config(raw: Mapping[str, Any]) -> FedFraudConfig:
     pos = lambda v: v > 0  # noqa: E731
     nonneg = lambda v: v >= 0  # noqa: E731
     split = SplitConfig(
-        train_days=_value(raw, "train-days", int, pos, "a positive integer"),
-        delay_days=_value(raw, "delay-days", int, nonneg, "a non-negative integer"),
-        test_days=_value(raw, "test-days", int, pos, "a positive integer"),
-        test_fraction=_value(raw, "test-fraction", float, lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
-        test_start=_value(raw, "test-start", str, _is_date_or_empty, "empty or a date YYYY-MM-DD"),
+        train_days=checked(raw, "train-days", int, pos, "a positive integer"),
+        delay_days=checked(raw, "delay-days", int, nonneg, "a non-negative integer"),
+        test_days=checked(raw, "test-days", int, pos, "a positive integer"),
+        test_fraction=checked(raw, "test-fraction", float, lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+        test_start=checked(raw, "test-start", str, is_date_or_empty, "empty or a date YYYY-MM-DD"),
     )
     train = TrainConfig(
-        model=_value(raw, "model", str, lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
-        hidden_sizes=_value(
+        model=checked(raw, "model", str, lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
+        hidden_sizes=checked(
             raw,
             "hidden-sizes",
-            _sizes,
+            layer_sizes,
             lambda v: all(h > 0 for h in v),
             "a comma-separated list of positive layer sizes",
         ),
-        lr=_value(raw, "lr", float, lambda v: 0 < v < 10, "a learning rate in (0, 10)"),
-        batch_size=_value(raw, "batch-size", int, pos, "a positive integer"),
-        central_epochs=_value(raw, "central-epochs", int, pos, "a positive integer"),
-        local_epochs=_value(raw, "local-epochs", int, pos, "a positive integer"),
-        weight_decay=_value(raw, "weight-decay", float, nonneg, "a non-negative number"),
-        pos_weight=_value(
-            raw, "pos-weight", _pos_weight, lambda v: v is None or v > 0, "'auto' or a positive number"
+        lr=checked(raw, "lr", float, lambda v: 0 < v < 10, "a learning rate in (0, 10)"),
+        batch_size=checked(raw, "batch-size", int, pos, "a positive integer"),
+        central_epochs=checked(raw, "central-epochs", int, pos, "a positive integer"),
+        local_epochs=checked(raw, "local-epochs", int, pos, "a positive integer"),
+        weight_decay=checked(raw, "weight-decay", float, nonneg, "a non-negative number"),
+        pos_weight=checked(
+            raw, "pos-weight", pos_weight_value, lambda v: v is None or v > 0, "'auto' or a positive number"
         ),
-        seed=_value(raw, "seed", int, nonneg, "a non-negative integer"),
+        seed=checked(raw, "seed", int, nonneg, "a non-negative integer"),
     )
     return FedFraudConfig(
         split=split, train=train, federation=_federation(raw), privacy=_privacy(raw), entity=_entity(raw)
@@ -251,52 +200,52 @@ def _federation(raw: Mapping[str, Any]) -> FederationConfig:
     pos = lambda v: v > 0  # noqa: E731
     nonneg = lambda v: v >= 0  # noqa: E731
     return FederationConfig(
-        rounds=_value(raw, "rounds", int, pos, "a positive integer"),
-        fraction_fit=_value(raw, "fraction-fit", float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
-        min_fit_banks=_value(raw, "min-fit-banks", int, pos, "a positive integer"),
-        strategy=_value(raw, "strategy", str, lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
-        proximal_mu=_value(raw, "proximal-mu", float, nonneg, "a non-negative number"),
-        server_lr=_value(raw, "server-lr", float, pos, "a positive number"),
-        secagg=_value(raw, "secagg", bool, lambda v: True, "true or false"),
-        secagg_num_shares=_value(raw, "secagg-num-shares", int, nonneg, "0 (auto) or a share count > 2"),
-        secagg_reconstruction_threshold=_value(
+        rounds=checked(raw, "rounds", int, pos, "a positive integer"),
+        fraction_fit=checked(raw, "fraction-fit", float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+        min_fit_banks=checked(raw, "min-fit-banks", int, pos, "a positive integer"),
+        strategy=checked(raw, "strategy", str, lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+        proximal_mu=checked(raw, "proximal-mu", float, nonneg, "a non-negative number"),
+        server_lr=checked(raw, "server-lr", float, pos, "a positive number"),
+        secagg=checked(raw, "secagg", bool, lambda v: True, "true or false"),
+        secagg_num_shares=checked(raw, "secagg-num-shares", int, nonneg, "0 (auto) or a share count > 2"),
+        secagg_reconstruction_threshold=checked(
             raw, "secagg-reconstruction-threshold", int, nonneg, "0 (auto) or a positive integer"
         ),
-        secagg_quantization_range=_value(
+        secagg_quantization_range=checked(
             raw, "secagg-quantization-range", int, lambda v: v >= 2**8, "an integer >= 256"
         ),
-        secagg_modulus_range=_value(
+        secagg_modulus_range=checked(
             raw,
             "secagg-modulus-range",
             int,
             lambda v: v >= 2**16 and v & (v - 1) == 0,
             "a power of two >= 65536",
         ),
-        checkpoint_dir=_value(raw, "checkpoint-dir", str, lambda v: True, "a directory path (or empty)"),
-        data_dir=_value(raw, "data-dir", str, lambda v: True, "a directory path (or empty)"),
+        checkpoint_dir=checked(raw, "checkpoint-dir", str, lambda v: True, "a directory path (or empty)"),
+        data_dir=checked(raw, "data-dir", str, lambda v: True, "a directory path (or empty)"),
     )
 
 
 def _privacy(raw: Mapping[str, Any]) -> PrivacyConfig:
     pos = lambda v: v > 0  # noqa: E731
     return PrivacyConfig(
-        dp=_value(raw, "dp", bool, lambda v: True, "true or false"),
-        dp_epsilon=_value(raw, "dp-epsilon", float, pos, "a positive epsilon"),
-        dp_delta=_value(raw, "dp-delta", float, lambda v: 0 < v < 1, "a delta in (0, 1)"),
-        dp_max_grad_norm=_value(raw, "dp-max-grad-norm", float, pos, "a positive clipping norm"),
-        dp_lr=_value(raw, "dp-lr", float, lambda v: 0 < v < 100, "a learning rate in (0, 100)"),
-        dp_bank_epsilon=_value(
+        dp=checked(raw, "dp", bool, lambda v: True, "true or false"),
+        dp_epsilon=checked(raw, "dp-epsilon", float, pos, "a positive epsilon"),
+        dp_delta=checked(raw, "dp-delta", float, lambda v: 0 < v < 1, "a delta in (0, 1)"),
+        dp_max_grad_norm=checked(raw, "dp-max-grad-norm", float, pos, "a positive clipping norm"),
+        dp_lr=checked(raw, "dp-lr", float, lambda v: 0 < v < 100, "a learning rate in (0, 100)"),
+        dp_bank_epsilon=checked(
             raw,
             "dp-bank-epsilon",
-            _bank_epsilons,
+            bank_epsilons,
             lambda v: all(e > 0 for e in v.values()),
             "a list BANK:EPSILON,... of positive budgets",
         ),
-        central_dp=_value(raw, "central-dp", bool, lambda v: True, "true or false"),
-        central_dp_noise=_value(
+        central_dp=checked(raw, "central-dp", bool, lambda v: True, "true or false"),
+        central_dp_noise=checked(
             raw, "central-dp-noise", float, lambda v: v >= 0, "a non-negative multiplier"
         ),
-        central_dp_clip=_value(raw, "central-dp-clip", float, pos, "a positive clipping norm"),
+        central_dp_clip=checked(raw, "central-dp-clip", float, pos, "a positive clipping norm"),
     )
 
 
@@ -309,29 +258,29 @@ def load_config(overrides: Mapping[str, Any] | None = None, *, path: Path = PYPR
 
 def _entity(raw: Mapping[str, Any]) -> EntityConfig:
     return EntityConfig(
-        entity_features=_value(
+        entity_features=checked(
             raw,
             "entity-features",
             str,
             lambda v: v in ("", "merchant_id") or v.isidentifier(),
             "empty (off) or an entity column such as merchant_id",
         ),
-        entity_epsilon=_value(
+        entity_epsilon=checked(
             raw, "entity-epsilon", float, lambda v: v > 0, "a positive epsilon (or inf: no noise)"
         ),
-        entity_delta=_value(raw, "entity-delta", float, lambda v: 0 < v < 1, "a delta in (0, 1)"),
-        entity_buckets=_value(
+        entity_delta=checked(raw, "entity-delta", float, lambda v: 0 < v < 1, "a delta in (0, 1)"),
+        entity_buckets=checked(
             raw,
             "entity-buckets",
             int,
             lambda v: 2**8 <= v <= 2**22 and v & (v - 1) == 0,
             "a power of two in [256, 4194304]",
         ),
-        entity_start=_value(raw, "entity-start", str, _is_date_or_empty, "empty or a date YYYY-MM-DD"),
-        entity_days=_value(
+        entity_start=checked(raw, "entity-start", str, is_date_or_empty, "empty or a date YYYY-MM-DD"),
+        entity_days=checked(
             raw, "entity-days", int, lambda v: v >= 0, "0 (from the data) or a number of days"
         ),
-        entity_key=_value(
+        entity_key=checked(
             raw,
             "entity-key",
             str,
