@@ -31,15 +31,6 @@ __all__ = [
     "consortium_features",
     "local_table",
 ]
-
-__all__ = [
-    "CONSORTIUM_FEATURES",
-    "EntityTableSpec",
-    "bucket_ids",
-    "collision_report",
-    "consortium_features",
-    "local_table",
-]
 logger = logging.getLogger(__name__)
 
 NS_PER_DAY = 24 * 3600 * 1_000_000_000
