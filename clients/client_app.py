@@ -20,12 +20,14 @@ from flwr.client import Client, NumPyClient
 from flwr.client.mod import fixedclipping_mod
 from flwr.clientapp import ClientApp
 
+from clients import entity_round
 from clients.bank import BankData, load_bank
 from clients.data import parse_columns
-from clients.entity_round import table_share, with_consortium
 from clients.ledger import BankLedger
 from clients.local import evaluate_round, train_round
 from clients.mods import optional_secaggplus_mod, scrub_plaintext_mod, skip_for_stats
+from clients.node_policy import apply_bank_policy, require_secagg_mod
+from clients.sent_log import sent_log_mod
 from models.config import FedFraudConfig, parse_config
 from models.federation import (
     BANK_STATE,
@@ -33,6 +35,7 @@ from models.federation import (
     ENTITY_TABLE,
     KEY_ENTITY,
     KEY_PROXIMAL_MU,
+    KEY_PUBLISHED,
     KEY_ROUND,
     KEY_SPEC,
     TASK,
@@ -71,6 +74,7 @@ class BankClient(NumPyClient):
     ) -> None:
         self.context, self.config, self.bank, self.data = context, config, bank, data
         self.ledger_file = ledger
+        self.entity_budget = config.entity.entity_bank_epsilon
         if BANK_STATE not in context.state.config_records and ledger is not None:
             saved = ledger.load()
             if saved:
@@ -78,7 +82,7 @@ class BankClient(NumPyClient):
         published = context.state.array_records.get(ENTITY_TABLE)
         if published is not None:  # the consortium's entity table: add its features to the local ones
             release = str(context.state.config_records[ENTITY_RELEASE]["release"])
-            self.data = with_consortium(data, published.to_numpy_ndarrays()[0], release)
+            self.data = entity_round.with_consortium(data, published.to_numpy_ndarrays()[0], release)
 
     def _ledger(self) -> dict[str, Any] | None:
         record = self.context.state.config_records.get(BANK_STATE)
@@ -90,12 +94,16 @@ class BankClient(NumPyClient):
             scales = np.asarray(parameters[0], dtype=np.float64)
             return [self.data.stats_vector() / scales], len(self.data.y_train), {}
         if config.get(TASK) == TASK_ENTITY:  # weight 1: the masked mean times the banks is the exact sum
-            return [table_share(self.data, str(config[KEY_ENTITY]))], 1, {}
+            budget = float(self.entity_budget)
+            entity_round.join(self.context.state, self.ledger_file, str(config[KEY_ENTITY]), budget=budget)
+            return [entity_round.table_share(self.data, str(config[KEY_ENTITY]))], 1, {}
         if config.get(TASK) == TASK_PUBLISH:
             self.context.state.array_records[ENTITY_TABLE] = ArrayRecord(numpy_ndarrays=[parameters[0]])
             self.context.state.config_records[ENTITY_RELEASE] = ConfigRecord(
                 {"release": str(config[KEY_ENTITY])}
             )
+            if KEY_PUBLISHED in config:
+                entity_round.confirm(self.context.state, self.ledger_file, str(config[KEY_PUBLISHED]))
             return [np.zeros(1)], 0, {}
         spec = FeatureSpec.from_json(str(config[KEY_SPEC]))
         outcome = train_round(
@@ -125,6 +133,9 @@ class BankClient(NumPyClient):
             "bank": self.bank,
             "epsilon": float(ledger.get("dp-epsilon-spent", 0.0)),
             "dp-steps": int(sum(ledger.get("dp-history-steps", []) or [0])),
+            "entity-epsilon": entity_round.spent(
+                self.context.state, self.ledger_file, delta=self.config.entity.entity_delta
+            ),
         }
         return float(loss) if np.isfinite(loss) else 0.0, len(self.data.y_test), {**metrics, **extra}
 
@@ -168,8 +179,8 @@ def _data_path(node: Mapping[str, Any], config: FedFraudConfig) -> str:
 
 def _deployed_client(context: Context) -> Client:
     """Deployment: the bank's file from the node config, settings from the run config."""
-    config = parse_config(dict(context.run_config))
     node = context.node_config
+    config = apply_bank_policy(parse_config(dict(context.run_config)), node)
     features = tuple(str(node["features"]).split(",")) if node.get("features") else None
     data = load_bank(
         _data_path(node, config),
@@ -181,4 +192,9 @@ def _deployed_client(context: Context) -> Client:
     return BankClient(context, config, int(node.get("bank-id", 0)), data, ledger).to_client()
 
 
-app = ClientApp(client_fn=_deployed_client, mods=[scrub_plaintext_mod, optional_secaggplus_mod])
+# Deployment: the outermost mod logs each reply as it leaves the bank (clients/sent_log.py); the bank's
+# node config can forbid any reply outside SecAgg+ (clients/node_policy.py).
+app = ClientApp(
+    client_fn=_deployed_client,
+    mods=[sent_log_mod, scrub_plaintext_mod, require_secagg_mod, optional_secaggplus_mod],
+)

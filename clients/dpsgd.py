@@ -89,31 +89,13 @@ class DPSGD:
 
     def _calibrate(self) -> float:
         """Return the sigma that spends (epsilon, delta) over the planned steps at the sample rate."""
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-                sigma = get_noise_multiplier(
-                    target_epsilon=self.epsilon,
-                    target_delta=self.delta,
-                    sample_rate=self.sample_rate,
-                    steps=self.planned_steps,
-                    accountant=self.accountant_name,
-                    epsilon_tolerance=min(0.01, 0.005 * self.epsilon),
-                )
-        except ValueError as exc:
-            raise ValueError(
-                f"epsilon {self.epsilon} is too small for {self.planned_steps} steps at "
-                f"sample rate {self.sample_rate:.4g} (delta {self.delta:g}): {exc}"
-            ) from exc
-        logger.info(
-            "calibrated DP-SGD: sigma %.4f for epsilon %g, delta %g, %d steps at sample rate %.4g",
-            sigma,
-            self.epsilon,
-            self.delta,
-            self.planned_steps,
-            self.sample_rate,
+        return calibrate_sigma(
+            epsilon=self.epsilon,
+            delta=self.delta,
+            sample_rate=self.sample_rate,
+            planned_steps=self.planned_steps,
+            accountant=self.accountant_name,
         )
-        return float(sigma)
 
     def _epsilon_after(self, steps: int) -> float:
         """Return epsilon after `steps` more steps at (sigma, sample rate), on a copy of the history."""
@@ -177,6 +159,11 @@ class DPSGD:
         )
         return private, dp_optimizer, dp_loader
 
+    def record_steps(self, steps: int) -> None:
+        """Account `steps` DP-SGD steps taken outside Opacus' optimizer, one by one as its step hook does."""
+        for _ in range(_check_count("steps", steps, minimum=0)):
+            self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+
     def spent(self) -> float:
         """Return the epsilon spent so far at delta (0.0 before any step)."""
         return self._epsilon_after(0)
@@ -201,6 +188,38 @@ class DPSGD:
             "dp-history-steps": [k for _, _, k in history],
             "dp-epsilon-spent": self.spent(),
         }
+
+
+@functools.lru_cache(maxsize=1024)
+def calibrate_sigma(
+    *, epsilon: float, delta: float, sample_rate: float, planned_steps: int, accountant: str = "rdp"
+) -> float:
+    """Return the sigma spending (epsilon, delta) over planned_steps at sample_rate (cached: it is slow)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            sigma = get_noise_multiplier(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=planned_steps,
+                accountant=accountant,
+                epsilon_tolerance=min(0.01, 0.005 * epsilon),
+            )
+    except ValueError as exc:
+        raise ValueError(
+            f"epsilon {epsilon} is too small for {planned_steps} steps at "
+            f"sample rate {sample_rate:.4g} (delta {delta:g}): {exc}"
+        ) from exc
+    logger.info(
+        "calibrated DP-SGD: sigma %.4f for epsilon %g, delta %g, %d steps at sample rate %.4g",
+        sigma,
+        epsilon,
+        delta,
+        planned_steps,
+        sample_rate,
+    )
+    return float(sigma)
 
 
 @functools.lru_cache(maxsize=256)

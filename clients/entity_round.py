@@ -8,11 +8,15 @@ import logging
 from typing import Any
 
 import numpy as np
+from flwr.app import ConfigRecord, RecordDict
 
+from clients import release_ledger
 from clients.bank import BankData
 from clients.entity import EntityTableSpec, consortium_features, local_table
+from clients.ledger import BankLedger
+from clients.release_ledger import ReleaseEntry
 from models.feature_names import CONSORTIUM_FEATURES
-from models.federation import CLIPPING_RANGE
+from models.federation import CLIPPING_RANGE, ENTITY_LEDGER
 from models.release_noise import calibrate_release, noise_share
 
 logger = logging.getLogger(__name__)
@@ -72,3 +76,44 @@ def with_consortium(data: BankData, table: np.ndarray, release_json: str) -> Ban
         x_test=np.hstack([data.x_test, extra[data.test_mask]]),
         feature_names=data.feature_names + CONSORTIUM_FEATURES,
     )
+
+
+def joined_releases(state: RecordDict, ledger: BankLedger | None) -> list[ReleaseEntry]:
+    """The entity releases this bank joined: from context.state, else from its ledger file."""
+    record = state.config_records.get(ENTITY_LEDGER)
+    if record is not None:
+        return release_ledger.loads(str(record["releases"]))
+    if ledger is not None:
+        return [ReleaseEntry(**entry) for entry in ledger.releases()]
+    return []
+
+
+def _keep(state: RecordDict, ledger: BankLedger | None, entries: list[ReleaseEntry]) -> None:
+    """Store the entries in context.state and in the bank's ledger file."""
+    state.config_records[ENTITY_LEDGER] = ConfigRecord({"releases": release_ledger.dumps(entries)})
+    if ledger is not None:
+        ledger.save_releases([dataclasses.asdict(entry) for entry in entries])
+
+
+def join(state: RecordDict, ledger: BankLedger | None, release_json: str, *, budget: float) -> None:
+    """Record the bank's part in a release before it sends its share (refused over the bank's budget)."""
+    known = joined_releases(state, ledger)
+    entries = release_ledger.join_release(known, json.loads(release_json), budget=budget)
+    _keep(state, ledger, entries)
+
+
+def confirm(state: RecordDict, ledger: BankLedger | None, published_json: str) -> None:
+    """Record what the server published: contributing banks (the achieved epsilon) and the table version."""
+    published = json.loads(published_json)
+    entries = release_ledger.confirm_release(
+        joined_releases(state, ledger),
+        release_id=str(published["id"]),
+        contributing=int(published["contributing"]),
+        version=str(published["version"]),
+    )
+    _keep(state, ledger, entries)
+
+
+def spent(state: RecordDict, ledger: BankLedger | None, *, delta: float) -> float:
+    """The bank's entity epsilon so far (its worst day over all releases it joined)."""
+    return release_ledger.entity_epsilon(joined_releases(state, ledger), delta=delta)

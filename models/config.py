@@ -64,6 +64,7 @@ class FederationConfig:
     strategy: str
     proximal_mu: float
     server_lr: float
+    tail_average: float
     secagg: bool
     secagg_num_shares: int
     secagg_reconstruction_threshold: int
@@ -71,6 +72,7 @@ class FederationConfig:
     secagg_modulus_range: int
     checkpoint_dir: str
     data_dir: str
+    audit_log: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class EntityConfig:
     entity_start: str
     entity_days: int
     entity_key: str
+    entity_bank_epsilon: float
 
     @property
     def enabled(self) -> bool:
@@ -206,6 +209,9 @@ def _federation(raw: Mapping[str, Any]) -> FederationConfig:
         strategy=checked(raw, "strategy", str, lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
         proximal_mu=checked(raw, "proximal-mu", float, nonneg, "a non-negative number"),
         server_lr=checked(raw, "server-lr", float, pos, "a positive number"),
+        tail_average=checked(
+            raw, "tail-average", float, lambda v: 0 <= v <= 1, "a fraction of the rounds in [0, 1]"
+        ),
         secagg=checked(raw, "secagg", bool, lambda v: True, "true or false"),
         secagg_num_shares=checked(raw, "secagg-num-shares", int, nonneg, "0 (auto) or a share count > 2"),
         secagg_reconstruction_threshold=checked(
@@ -223,6 +229,7 @@ def _federation(raw: Mapping[str, Any]) -> FederationConfig:
         ),
         checkpoint_dir=checked(raw, "checkpoint-dir", str, lambda v: True, "a directory path (or empty)"),
         data_dir=checked(raw, "data-dir", str, lambda v: True, "a directory path (or empty)"),
+        audit_log=checked(raw, "audit-log", str, lambda v: True, "a file path (or empty)"),
     )
 
 
@@ -286,5 +293,8 @@ def _entity(raw: Mapping[str, Any]) -> EntityConfig:
             str,
             lambda v: all(c in "0123456789abcdef" for c in v.lower()),
             "empty (a fresh key per run) or a hex string",
+        ),
+        entity_bank_epsilon=checked(
+            raw, "entity-bank-epsilon", float, lambda v: v > 0, "a positive epsilon (inf: no cap)"
         ),
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +125,20 @@ def postprocess(table: np.ndarray) -> np.ndarray:
     counts = np.clip(arr[0], 0.0, None)
     frauds = np.clip(arr[1], 0.0, counts)
     return np.stack([counts, frauds])
+
+
+def composed_epsilon(noise_multipliers: Sequence[float], *, delta: float) -> float:
+    """Epsilon of several Gaussian releases of the same records, composed by Opacus' RDP accountant."""
+    _check_delta(delta)
+    if not noise_multipliers:
+        return 0.0
+    if any(not z > 0.0 for z in noise_multipliers):
+        return math.inf  # a release without noise (or a bad multiplier) has no finite epsilon
+    accountant = RDPAccountant()
+    accountant.history = [(float(z), 1.0, 1) for z in noise_multipliers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta=delta))
 
 
 def achieved_epsilon(noise: ReleaseNoise, *, contributing: int, n_banks: int) -> float:

@@ -25,6 +25,9 @@ class Checkpoint:
     ledger: dict[str, float]
     strategy_state: dict[str, list[np.ndarray]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    tail_total: list[np.ndarray] = field(default_factory=list)
+    """Sum of the global models averaged so far for the served model (models/averaging.py)."""
+    tail_count: int = 0
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -39,6 +42,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     arrays = {f"w{i}": w for i, w in enumerate(checkpoint.weights)}
     for name, values in checkpoint.strategy_state.items():
         arrays.update({f"s_{name}_{i}": v for i, v in enumerate(values)})
+    arrays.update({f"t{i}": t for i, t in enumerate(checkpoint.tail_total)})
     weights_path = directory / f"round-{checkpoint.round:04d}.npz"
 
     def write_npz(tmp: Path) -> None:
@@ -54,6 +58,8 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         "spec": json.loads(checkpoint.spec_json),
         "ledger": checkpoint.ledger,
         "history": checkpoint.history,
+        "tail_count": checkpoint.tail_count,
+        "n_tail": len(checkpoint.tail_total),
     }
     _atomic_write(
         directory / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(state, indent=1, default=float))
@@ -75,6 +81,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
                 name: [npz[f"s_{name}_{i}"] for i in range(count)]
                 for name, count in state["strategy_state"].items()
             }
+            tail = [npz[f"t{i}"] for i in range(int(state.get("n_tail", 0)))]
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(
             f"{state_path}: unreadable checkpoint ({exc}); move it away to start afresh"
@@ -86,4 +93,6 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         ledger={str(k): float(v) for k, v in state["ledger"].items()},
         strategy_state=strategy,
         history=list(state.get("history", [])),
+        tail_total=tail,
+        tail_count=int(state.get("tail_count", 0)),
     )

@@ -7,6 +7,7 @@ back to the banks, which derive their consortium features from it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -17,7 +18,8 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid
 
-from models.federation import KEY_ENTITY, TASK, TASK_ENTITY, TASK_PUBLISH
+from models.feature_names import CONSORTIUM_VERSION
+from models.federation import KEY_ENTITY, KEY_PUBLISHED, TASK, TASK_ENTITY, TASK_PUBLISH
 from models.release_noise import achieved_epsilon, calibrate_release, postprocess, share_bound
 from server.exact_sum import plan_exact_sum
 from server.rounds import run_round
@@ -33,6 +35,13 @@ class EntityReleaseError(RuntimeError):
     """The entity release produced no table (too few banks answered)."""
 
 
+def table_version(release_json: str, table: np.ndarray) -> str:
+    """The published table's version: a digest of the release and the table (ships with the model)."""
+    digest = hashlib.sha256(release_json.encode("utf-8"))
+    digest.update(np.ascontiguousarray(table, dtype=np.float64).tobytes())
+    return f"{CONSORTIUM_VERSION}:{digest.hexdigest()[:16]}"
+
+
 def announce(settings: Any) -> dict[str, Any]:
     """The release every bank is told about: table shape, consortium key, privacy and encoding."""
     cfg, n = settings.config.entity, settings.n_banks
@@ -44,6 +53,7 @@ def announce(settings: Any) -> dict[str, Any]:
     noise = calibrate_release(epsilon=cfg.entity_epsilon, delta=cfg.entity_delta)
     plan = plan_exact_sum(n_banks=n, max_value=MAX_CELL_COUNT + share_bound(noise, n_banks=n))
     return {
+        "id": secrets.token_hex(8),
         "column": cfg.entity_features,
         "buckets": cfg.entity_buckets,
         "start": start,
@@ -56,6 +66,7 @@ def announce(settings: Any) -> dict[str, Any]:
         "scale": plan.scale,
         "max_value": plan.max_value,
         "sigma": noise.sigma,
+        "sensitivity": noise.sensitivity,
         "_plan": plan,
         "_noise": noise,
     }
@@ -87,13 +98,27 @@ def entity_round(grid: Grid, context: Context, settings: Any) -> None:
     total = total.reshape(2, int(release["days"]), int(release["buckets"]))
     table = postprocess(total)
     epsilon = achieved_epsilon(noise, contributing=contributing, n_banks=settings.n_banks)
-    settings.sink.update(entity_table=table, entity_release=public, entity_epsilon=epsilon, entity_raw=total)
+    version = table_version(public, table)
+    published = {"id": release["id"], "contributing": contributing, "version": version, "epsilon": epsilon}
+    settings.sink.update(
+        entity_table=table,
+        entity_release=public,
+        entity_epsilon=epsilon,
+        entity_raw=total,
+        entity_version=version,
+        entity_contributing=contributing,
+    )
     logger.info(
-        "entity release: %d banks, %d transactions, epsilon %.3g", contributing, int(table[0].sum()), epsilon
+        "entity release %s: %d banks, %d transactions, epsilon %.3g, table version %s",
+        release["id"],
+        contributing,
+        int(table[0].sum()),
+        epsilon,
+        version,
     )
     broadcast = SecureMeanStrategy(
         payload=[table.ravel()],
-        config={TASK: TASK_PUBLISH, KEY_ENTITY: public},
+        config={TASK: TASK_PUBLISH, KEY_ENTITY: public, KEY_PUBLISHED: json.dumps(published)},
         n_banks=settings.n_banks,
         sink=settings.sink,
         key="entity_publish",

@@ -24,13 +24,16 @@ from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Str
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
+from models.averaging import TailAverage, first_averaged_round
 from models.config import FedFraudConfig, parse_config
 from models.feature_names import CONSORTIUM_FEATURES, CONSORTIUM_VERSION, FEATURE_VERSION, LOCAL_FEATURES
 from models.federation import CLIPPING_RANGE, MAX_WEIGHT, STATS_CLIP, TASK, TASK_STATS
 from models.nets import build_model, get_weights, init_output_bias
 from models.spec import FeatureSpec, FeatureStats
+from server.audit import AUDIT_FILE, AuditLog, RunAudit
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.entity_release import entity_round
+from server.fast_grid import PromptGrid, prompt_object_pulls
 from server.rounds import run_round
 from server.secagg import SecAggParams, choose_secagg
 from server.strategy import SecureMeanStrategy, build_strategy
@@ -57,6 +60,8 @@ class ServerSettings:
     entity_days: int = 0
     sink: dict[str, Any] = field(default_factory=dict)
     on_progress: Callable[[str], None] | None = None
+    audit: RunAudit | None = None
+    """Deployment: the audit log; also lets rounds go on when a bank drops out (down to min-fit-banks)."""
 
 
 def _fit_workflow(settings: ServerSettings, params: SecAggParams | None) -> Any:
@@ -132,6 +137,10 @@ class RoundRecorder:
         self.history: list[dict[str, Any]] = list(start.history) if start else []
         self.ledger: dict[str, float] = dict(start.ledger) if start else {}
         self.weights: list[np.ndarray] = list(start.weights) if start else []
+        fed = settings.config.federation
+        self.tail = TailAverage(first=first_averaged_round(fed.rounds, fed.tail_average))
+        if start is not None:
+            self.tail.total, self.tail.count = list(start.tail_total), start.tail_count
         self.strategy: Any = None
         settings.sink.setdefault("rounds", {}).update({int(h["round"]): h for h in self.history})
 
@@ -142,11 +151,15 @@ class RoundRecorder:
             self.weights = [np.asarray(w) for w in info["weights"]]
             self.settings.sink["weights"] = self.weights
             self.settings.sink.setdefault("round_weights", {})[round_no] = self.weights
+            self.tail.add(round_no, self.weights)
+            self.settings.sink["served_weights"] = self.tail.value(self.weights)
         record.update({k: v for k, v in info.items() if k != "weights"})
         if "banks" in info:
             self.ledger.update({b: float(m.get("epsilon", 0.0)) for b, m in info["banks"].items()})
             record["ledger"] = dict(self.ledger)
             self.history.append({k: v for k, v in record.items() if k != "weights"})
+            if self.settings.audit is not None:
+                self.settings.audit.round(round_no, record, self.weights)
             self._checkpoint(round_no)
             if self.settings.on_progress is not None:
                 self.settings.on_progress(
@@ -158,7 +171,7 @@ class RoundRecorder:
             return
         inner = getattr(self.strategy, "strategy", self.strategy)
         state = {k: list(getattr(inner, k)) for k in ("m_t", "v_t") if getattr(inner, k, None) is not None}
-        save_checkpoint(
+        path = save_checkpoint(
             self.settings.checkpoint_dir,
             Checkpoint(
                 round=round_no,
@@ -167,8 +180,12 @@ class RoundRecorder:
                 ledger=self.ledger,
                 strategy_state=state,
                 history=self.history,
+                tail_total=self.tail.total,
+                tail_count=self.tail.count,
             ),
         )
+        if self.settings.audit is not None:
+            self.settings.audit.checkpoint(round_no, path)
 
 
 def run_federation(grid: Grid, context: Context, settings: ServerSettings) -> None:
@@ -182,6 +199,8 @@ def run_federation(grid: Grid, context: Context, settings: ServerSettings) -> No
         if config.entity.enabled:
             entity_round(grid, context, settings)
         spec_json = stats_round(grid, context, settings).to_json()
+        if settings.audit is not None:
+            settings.audit.stats_round("stats_round")
         initial = initial_weights(config, len(settings.feature_names), settings.sink["fraud_rate"])
     settings.sink.update(spec_json=spec_json, weights=initial)
     done = start.round if start else 0
@@ -198,6 +217,9 @@ def run_federation(grid: Grid, context: Context, settings: ServerSettings) -> No
     if start is not None and start.strategy_state:
         for name, values in start.strategy_state.items():
             setattr(strategy, name, values)
+    if settings.audit is not None:  # deployment: a bank that drops out must not stall the next rounds
+        for name in ("min_fit_clients", "min_evaluate_clients", "min_available_clients"):
+            setattr(strategy, name, min(getattr(strategy, name), max(2, fed.min_fit_banks)))
     strategy = _wrap_central_dp(strategy, config, n_per_round)
     recorder.strategy = strategy
     legacy = LegacyContext(
@@ -224,16 +246,45 @@ app = ServerApp()
 def _deployed_main(grid: Grid, context: Context) -> None:
     """Deployment (`flwr run`): settings from the run config; every connected bank takes part."""
     config = parse_config(dict(context.run_config))
-    nodes = wait_for_banks(grid, minimum=config.federation.min_fit_banks)
+    grid = PromptGrid(grid)
+    prompt_object_pulls()
     directory = Path(config.federation.checkpoint_dir) if config.federation.checkpoint_dir else None
+    audit = _open_audit(config, directory, grid)
+    if audit is not None:
+        start = load_checkpoint(directory) if directory else None
+        audit.run_start(context.run_id, dict(context.run_config), resume_round=start.round if start else 0)
+    nodes = wait_for_banks(grid, minimum=config.federation.min_fit_banks)
+    if audit is not None:
+        audit.banks_joined(nodes)
     settings = ServerSettings(
         config=config,
         n_banks=len(nodes),
         feature_names=LOCAL_FEATURES + (CONSORTIUM_FEATURES if config.entity.enabled else ()),
         feature_version=FEATURE_VERSION + (f"+{CONSORTIUM_VERSION}" if config.entity.enabled else ""),
         checkpoint_dir=directory,
+        audit=audit,
     )
-    run_federation(grid, context, settings)
+    try:
+        run_federation(grid, context, settings)
+    except BaseException as exc:
+        if audit is not None:
+            audit.run_end(
+                "failed", rounds_done=max(settings.sink.get("rounds") or [0]), weights=[], error=repr(exc)
+            )
+        raise
+    if audit is not None:
+        weights = settings.sink.get("weights", [])
+        audit.run_end("completed", rounds_done=max(settings.sink.get("rounds") or [0]), weights=weights)
+
+
+def _open_audit(config: FedFraudConfig, checkpoint_dir: Path | None, grid: PromptGrid) -> RunAudit | None:
+    """The run's audit log: `audit-log`, else audit.jsonl in the checkpoint directory, else none (warned)."""
+    if config.federation.audit_log:
+        return RunAudit(AuditLog(Path(config.federation.audit_log)), grid)
+    if checkpoint_dir is not None:
+        return RunAudit(AuditLog(checkpoint_dir / AUDIT_FILE), grid)
+    logger.warning("no audit log: set 'audit-log' or 'checkpoint-dir' in the run config")
+    return None
 
 
 def wait_for_banks(grid: Grid, *, minimum: int, timeout_s: float = 300.0) -> list[int]:

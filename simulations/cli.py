@@ -17,14 +17,20 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from clients import bank_cli
 from clients.data import DataError, parse_columns
+from clients.score_cli import register as register_score
 from models.config import ConfigError, load_config
+from server import certs_cli, server_cli
+from server.certs import CertError
+from server.registry import RegistryError
 from simulations.baselines import BASELINES, Method
 from simulations.dataset import DataSource
 from simulations.federated import EngineOptions, run_federated, without_entity
 from simulations.generate import GeneratorConfig, generate_consortium, write_consortium
 from simulations.harness import simulate as run_simulate
 from simulations.report import COLUMNS, LABELS, comparison_rows, render_results_dir
+from simulations.vectorized import VectorizedOptions, run_vectorized
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Federated fraud detection for bank consortia."
@@ -56,18 +62,31 @@ def generate(
     )
 
 
-ENGINES = ("flower", "none")
+ENGINES = ("flower", "vectorized", "none")
 
 
 def _methods(
-    engine: str, options: EngineOptions, progress: Callable[[str], None], *, entity: bool
+    engine: str,
+    options: EngineOptions,
+    progress: Callable[[str], None],
+    *,
+    entity: bool,
+    vectorized: VectorizedOptions | None = None,
 ) -> dict[str, Method]:
     """The baselines, federated training on the chosen engine, and with consortium entity features."""
     if engine not in ENGINES:
         raise ConfigError(f"--engine: {engine!r} is not one of {', '.join(ENGINES)}")
     methods = dict(BASELINES)
-    if engine == "flower":
-        run = functools.partial(run_federated, engine=options, progress=progress)
+    if engine == "vectorized" and options.checkpoint_dir is not None:
+        raise ConfigError("--checkpoint-dir: the vectorized engine does not checkpoint (use --engine flower)")
+    if engine in ("flower", "vectorized"):
+        run = (
+            functools.partial(run_federated, engine=options, progress=progress)
+            if engine == "flower"
+            else functools.partial(
+                run_vectorized, options=vectorized or VectorizedOptions(), progress=progress
+            )
+        )
         methods["federated"] = lambda data, config: run(data, without_entity(config))
         if entity:
             methods["federated_entity"] = run
@@ -101,8 +120,11 @@ def simulate(
     model: Annotated[str | None, Opt(help="mlp or logreg.")] = None,
     epochs: Annotated[int | None, Opt(help="Epochs of the central and local baselines.")] = None,
     engine: Annotated[
-        str, Opt(help="Federated engine: flower (Flower simulation on Ray) or none.")
+        str, Opt(help="Federated engine: flower (Flower on Ray), vectorized (batched banks) or none.")
     ] = "flower",
+    vectorized_chunk: Annotated[
+        int, Opt(help="Vectorized engine: banks per chunk (0: from free memory).")
+    ] = 0,
     rounds: Annotated[int | None, Opt(help="Federated rounds.")] = None,
     local_epochs: Annotated[int | None, Opt(help="Local epochs per round at each bank.")] = None,
     strategy: Annotated[str | None, Opt(help="fedavg, fedprox or fedadam.")] = None,
@@ -162,7 +184,13 @@ def simulate(
         num_cpus=num_cpus, num_gpus=num_gpus, ray_address=ray_address, checkpoint_dir=checkpoint_dir
     )
     with console.status("starting") as status:
-        methods = _methods(engine, options, status.update, entity=config.entity.enabled)
+        methods = _methods(
+            engine,
+            options,
+            status.update,
+            entity=config.entity.enabled,
+            vectorized=VectorizedOptions(chunk=vectorized_chunk),
+        )
         metrics = run_simulate(
             source, config, out, overwrite=overwrite, methods=methods, progress=status.update
         )
@@ -207,6 +235,14 @@ def report(results: Annotated[Path, typer.Argument(help="A results directory.")]
     console.print(f"wrote {path}")
 
 
+certs_cli.register(app)
+server_cli.register(app)  # `fedfraud server start|run` (server/server_cli.py)
+bank_cli.register(app)  # `fedfraud bank start` (clients/bank_cli.py)
+
+
+register_score(app)  # `fedfraud score` lives with the banks' side (clients/score_cli.py)
+
+
 def _print_table(metrics: dict[str, Any]) -> None:
     table = Table(title="Test window, all banks")
     table.add_column("method")
@@ -231,6 +267,15 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app()
-    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as exc:
+    except (
+        ConfigError,
+        DataError,
+        CertError,
+        RegistryError,
+        server_cli.ServerSetupError,
+        bank_cli.BankSetupError,
+        FileExistsError,
+        FileNotFoundError,
+    ) as exc:
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(2)

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,12 +69,17 @@ def write_bank_files(data: Prepared, directory: Path) -> dict[int, tuple[int, st
 
 def _test_features(data: Prepared, sink: dict[str, Any]) -> np.ndarray:
     """Each test row's features as its bank computes them: local, plus consortium ones after a release."""
-    x = data.siloed[data.split.test]
+    return method_features(data, sink, data.split.test)
+
+
+def method_features(data: Prepared, sink: Mapping[str, Any], rows: np.ndarray) -> np.ndarray:
+    """The rows' features as their banks compute them (consortium ones when the run published a table)."""
+    x = data.siloed[rows]
     if "entity_table" not in sink:
         return x
     release = json.loads(sink["entity_release"])
     extra = consortium_features(
-        data.frame.loc[data.split.test],
+        data.frame.loc[rows],
         sink["entity_table"],
         release_spec(release),
         key=bytes.fromhex(release["key"]),
@@ -95,7 +100,8 @@ def without_entity(config: FedFraudConfig) -> FedFraudConfig:
     return dataclasses.replace(config, entity=dataclasses.replace(config.entity, entity_features=""))
 
 
-def _data_days(data: Prepared) -> tuple[str, int]:
+def data_days(data: Prepared) -> tuple[str, int]:
+    """The first day of the data and the number of days it spans (the entity table's day range)."""
     times = data.frame["timestamp"]
     first, last = times.min().normalize(), times.max().normalize()
     return str(first.date()), int((last - first).days) + 1
@@ -141,7 +147,7 @@ def run_federated(
         entity = config.entity.enabled
         if entity and data.feature_version.startswith("table"):
             raise ConfigError("config key 'entity-features': a feature table has no entity ids to federate")
-        entity_start, entity_days = _data_days(data) if entity else ("", 0)
+        entity_start, entity_days = data_days(data) if entity else ("", 0)
         train_rows = [int((data.bank_mask(b) & data.split.train).sum()) for b, _ in banks.values()]
         table = data.feature_names if data.feature_version.startswith("table") else None
         server = ServerSettings(
@@ -167,7 +173,11 @@ def run_federated(
             backend_config={"client_resources": resources, "init_args": init_args},
         )
         torch.set_num_threads(threads)
-    sink = server.sink
+    return federated_result(data, config, server.sink)
+
+
+def federated_result(data: Prepared, config: FedFraudConfig, sink: dict[str, Any]) -> MethodResult:
+    """Score the test rows with the sink's final global model; per-round curves and the entity release."""
     if "weights" not in sink or "spec_json" not in sink:
         raise FederationError("the federated run ended without a global model (see the log above)")
     spec = FeatureSpec.from_json(sink["spec_json"])
@@ -180,9 +190,13 @@ def run_federated(
         release = json.loads(sink["entity_release"])
         details["entity_release"] = {k: v for k, v in release.items() if k != "key"}
         details["entity_release"]["epsilon_achieved"] = sink["entity_epsilon"]
+        details["entity_release"]["version"] = sink["entity_version"]
+        details["entity_release"]["contributing"] = sink["entity_contributing"]
+    served = list(sink.get("served_weights", sink["weights"]))  # the tail average (models/averaging.py)
+    details["tail_average"] = config.federation.tail_average
     return MethodResult(
-        scores=_scores(config, sink["weights"], spec, x),
+        scores=_scores(config, served, spec, x),
         details=details,
-        weights=list(sink["weights"]),
+        weights=served,
         artifacts={k: v for k, v in sink.items() if k.startswith("entity")},
     )

@@ -14,6 +14,7 @@ import pandas as pd
 from models.config import FedFraudConfig
 from simulations.baselines import BASELINES, Method, MethodResult
 from simulations.dataset import DataSource, Prepared, prepare
+from simulations.export import write_model_dir
 from simulations.report import write_report
 from simulations.results import (
     atomic_directory,
@@ -32,7 +33,11 @@ def _quiet(_: str) -> None:
 
 
 def run_methods(
-    data: Prepared, config: FedFraudConfig, methods: Mapping[str, Method], progress: Progress = _quiet
+    data: Prepared,
+    config: FedFraudConfig,
+    methods: Mapping[str, Method],
+    progress: Progress = _quiet,
+    outcomes: dict[str, MethodResult] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, float], dict[str, Any]]:
     """Run each method on the prepared data; return its predictions, wall seconds and per-round details."""
     predictions, seconds, details = {}, {}, {}
@@ -43,6 +48,8 @@ def run_methods(
         seconds[name] = round(time.perf_counter() - start, 2)
         if isinstance(result, MethodResult):
             details[name] = result.details
+            if outcomes is not None:
+                outcomes[name] = result  # weights and artifacts, for the model package
             result = result.scores
         predictions[name] = predictions_frame(data, result)
         logger.info("%s done in %.1f s", name, seconds[name])
@@ -87,7 +94,8 @@ def simulate(
         raise FileExistsError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
     progress("loading and featurizing data")
     data = prepare(source, config.split)
-    predictions, seconds, details = run_methods(data, config, methods or BASELINES, progress)
+    outcomes: dict[str, MethodResult] = {}
+    predictions, seconds, details = run_methods(data, config, methods or BASELINES, progress, outcomes)
     metrics = collect_metrics(data, source, predictions, seconds, details)
     progress("writing results")
     with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -98,4 +106,5 @@ def simulate(
         for name, pred in predictions.items():
             pred.to_parquet(tmp / "predictions" / f"{name}.parquet", index=False)
         write_report(tmp, metrics, predictions)
+        write_model_dir(tmp, data, config, outcomes, metrics)  # model/: the best federated model
     return metrics

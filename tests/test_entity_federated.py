@@ -83,3 +83,8 @@ def test_release_noise_has_the_calibrated_scale(consortium):
     assert (table >= 0).all() and (table[1] <= table[0]).all()
     assert result.details["entity_release"]["epsilon_achieved"] == pytest.approx(1.0)
     assert "key" not in result.details["entity_release"]  # the consortium key never reaches metrics.json
+    assert result.details["entity_release"]["contributing"] == 4
+    assert result.details["entity_release"]["version"].startswith("consortium-v1:")
+    banks = result.details["rounds"][-1]["banks"]
+    assert len(banks) == 4  # every bank's own ledger records the release's epsilon
+    assert all(m["entity-epsilon"] == pytest.approx(1.0, abs=0.02) for m in banks.values())
