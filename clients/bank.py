@@ -15,7 +15,7 @@ from clients.features import LOCAL_FEATURES, compute_local_features
 from models.config import SplitConfig
 from models.federation import STATS_CLIP
 from models.metrics import fraud_metrics
-from models.split import time_split
+from models.split import Split, time_split
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,19 @@ def _load_cached(
     windows = time_split(frame["timestamp"], split)
     y = frame["is_fraud"].to_numpy().astype(np.float32)
     warn_no_training_frauds(frame.loc[windows.train, "is_fraud"], source=path)
+    return windowed_bank(frame, x, y, windows, tuple(names), keep_frame=features is None)
+
+
+def windowed_bank(
+    frame: pd.DataFrame,
+    x: np.ndarray,
+    y: np.ndarray,
+    windows: Split,
+    names: tuple[str, ...],
+    *,
+    keep_frame: bool,
+) -> BankData:
+    """A bank's rows cut into its train and test windows (test cards and days when the rows are dated)."""
     dated = pd.api.types.is_datetime64_any_dtype(frame["timestamp"]) and "card_id" in frame.columns
     test = frame.loc[windows.test]
     return BankData(
@@ -83,8 +96,8 @@ def _load_cached(
         y_test=y[windows.test],
         test_cards=test["card_id"].to_numpy() if dated else None,
         test_days=test["timestamp"].dt.floor("D").to_numpy() if dated else None,
-        feature_names=tuple(names),
-        frame=frame if features is None else None,
+        feature_names=names,
+        frame=frame if keep_frame else None,
         train_mask=windows.train,
         test_mask=windows.test,
     )

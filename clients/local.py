@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from clients.bank import BankData
-from clients.privacy import PrivacyBudgetExhausted, make_privacy_step, steps_per_round
+from clients.privacy import PrivacyBudgetExhausted, PrivacyStep, make_privacy_step, steps_per_round
 from models.config import FedFraudConfig
 from models.federation import CLIPPING_RANGE
 from models.nets import build_model, get_weights, set_weights
@@ -67,6 +67,27 @@ def _model(config: FedFraudConfig, n_features: int, weights: Sequence[np.ndarray
     return model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def round_privacy_step(
+    config: FedFraudConfig, *, bank: int, n_examples: int, state: Mapping[str, Any] | None
+) -> tuple[PrivacyStep, int, int]:
+    """A bank's privacy step this round (its ledger restored), its batch size and its most steps per round."""
+    train, fed, privacy = config.train, config.federation, config.privacy
+    n = max(n_examples, 1)
+    size = min(train.batch_size, n)
+    step = make_privacy_step(
+        enabled=privacy.dp,
+        epsilon=privacy.epsilon_for(bank),
+        delta=privacy.dp_delta,
+        max_grad_norm=privacy.dp_max_grad_norm,
+        n_examples=n,
+        batch_size=size,
+        local_epochs=train.local_epochs,
+        planned_rounds=max(1, math.ceil(fed.rounds * fed.fraction_fit)),
+        state=state,
+    )
+    return step, size, steps_per_round(n_examples=n, batch_size=size, local_epochs=train.local_epochs)
+
+
 def train_round(
     data: BankData,
     weights: Sequence[np.ndarray],
@@ -79,23 +100,8 @@ def train_round(
     seed: int = 0,
 ) -> RoundOutcome:
     """Train the global model on this bank's train window under its privacy step (or decline, over budget)."""
-    n, train = len(data.y_train), config.train
-    fed, privacy = config.federation, config.privacy
-    planned = max(1, math.ceil(fed.rounds * fed.fraction_fit))
-    step = make_privacy_step(
-        enabled=privacy.dp,
-        epsilon=privacy.epsilon_for(bank),
-        delta=privacy.dp_delta,
-        max_grad_norm=privacy.dp_max_grad_norm,
-        n_examples=max(n, 1),
-        batch_size=min(train.batch_size, max(n, 1)),
-        local_epochs=train.local_epochs,
-        planned_rounds=planned,
-        state=state,
-    )
-    steps = steps_per_round(
-        n_examples=max(n, 1), batch_size=min(train.batch_size, max(n, 1)), local_epochs=train.local_epochs
-    )
+    n, train, privacy = len(data.y_train), config.train, config.privacy
+    step, size, steps = round_privacy_step(config, bank=bank, n_examples=n, state=state)
     if n == 0 or not step.admits(steps=steps):
         logger.warning(
             "bank %s declines this round: %s",
@@ -106,9 +112,7 @@ def train_round(
         )
         return RoundOutcome(weights=None, examples=0, epsilon=step.spent(), state=dict(step.state()))
     model = _model(config, len(spec.names), weights)
-    loader = make_loader(
-        spec.transform(data.x_train), data.y_train, batch_size=min(train.batch_size, n), seed=seed
-    )
+    loader = make_loader(spec.transform(data.x_train), data.y_train, batch_size=size, seed=seed)
     optimizer = make_optimizer(model, lr=privacy.learning_rate(train.lr), weight_decay=train.weight_decay)
     private_model, private_opt, private_loader = step.wrap(model, optimizer, loader)
     global_tensors = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None

@@ -39,6 +39,8 @@ def _entity(artifacts: Mapping[str, Any]) -> tuple[EntityTable | None, str | Non
     key = str(release.pop("key"))
     release["key_fingerprint"] = key_fingerprint(bytes.fromhex(key))
     release["epsilon_achieved"] = artifacts.get("entity_epsilon")
+    release["published_version"] = artifacts.get("entity_version")  # as the banks' ledgers record it
+    release["contributing"] = artifacts.get("entity_contributing")
     return EntityTable(table=artifacts["entity_table"], release=release), key
 
 

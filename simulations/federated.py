@@ -127,6 +127,17 @@ def _round_curves(
     return curves
 
 
+def engine_config(data: Prepared, config: FedFraudConfig) -> FedFraudConfig:
+    """The config at the data's test start; ConfigError for an overflowing SecAgg+ or entities of a table."""
+    split = dataclasses.replace(config.split, test_start=data.split.test_start or config.split.test_start)
+    config = dataclasses.replace(config, split=split)
+    if config.federation.secagg:
+        choose_secagg(max(1, round(config.federation.fraction_fit * len(data.banks))), config.federation)
+    if config.entity.enabled and data.feature_version.startswith("table"):
+        raise ConfigError("config key 'entity-features': a feature table has no entity ids to federate")
+    return config
+
+
 def run_federated(
     data: Prepared,
     config: FedFraudConfig,
@@ -137,16 +148,11 @@ def run_federated(
     """Train federatedly on Flower's simulation engine; score the test rows with the final global model."""
     from flwr.simulation import run_simulation  # noqa: PLC0415 - imports Ray: only when federating
 
-    split = dataclasses.replace(config.split, test_start=data.split.test_start or config.split.test_start)
-    config = dataclasses.replace(config, split=split)
-    if config.federation.secagg:  # refuse an overflowing configuration before starting Ray
-        choose_secagg(max(1, round(config.federation.fraction_fit * len(data.banks))), config.federation)
+    config = engine_config(data, config)  # refuses a bad configuration before starting Ray
     logging.getLogger("flwr").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="fedfraud-banks-") as tmp:
         banks = write_bank_files(data, Path(tmp))
         entity = config.entity.enabled
-        if entity and data.feature_version.startswith("table"):
-            raise ConfigError("config key 'entity-features': a feature table has no entity ids to federate")
         entity_start, entity_days = data_days(data) if entity else ("", 0)
         train_rows = [int((data.bank_mask(b) & data.split.train).sum()) for b, _ in banks.values()]
         table = data.feature_names if data.feature_version.startswith("table") else None
