@@ -183,15 +183,19 @@ def local_table(
     return table
 
 
-def _clean_table(table: np.ndarray, spec: EntityTableSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Post-process a (noisy) table: counts clipped at 0, frauds to [0, count]; prefix sums over days."""
+def window_prefixes(table: np.ndarray, spec: EntityTableSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Prefix sums over days of a (noisy) table's counts and frauds; cells are NOT clipped one by one.
+
+    Clipping each noisy cell at 0 before summing a window adds a positive bias per cell that the window then
+    accumulates: at epsilon 3 it raised the mean 30-day consortium fraud rate from 0.5% to 8%. Window sums
+    of the unclipped cells are unbiased; the features clip those (counts at 0, rates to [0, 1]).
+    """
     arr = np.asarray(table, dtype=np.float64)
     if arr.shape != (2, spec.days, spec.buckets):
         raise ValueError(f"table must have shape {(2, spec.days, spec.buckets)}, got {arr.shape}")
     if not np.isfinite(arr).all():
         raise ValueError("table must be finite")
-    counts = np.clip(arr[0], 0.0, None)
-    frauds = np.clip(arr[1], 0.0, counts)
+    counts, frauds = arr[0], arr[1]
     prefix_counts = np.zeros((spec.days + 1, spec.buckets))
     prefix_frauds = np.zeros((spec.days + 1, spec.buckets))
     np.cumsum(counts, axis=0, out=prefix_counts[1:])
@@ -203,7 +207,7 @@ def consortium_features(
     frame: pd.DataFrame, table: np.ndarray, spec: EntityTableSpec, *, key: bytes
 ) -> pd.DataFrame:
     """For each of this bank's rows, consortium merchant count and fraud rate over 1/7/30 days from the global table."""  # noqa: E501
-    prefix_counts, prefix_frauds = _clean_table(table, spec)
+    prefix_counts, prefix_frauds = window_prefixes(table, spec)
     day = _day_index(frame, spec)
     bucket = bucket_ids(_entity_column(frame, spec), key=key, buckets=spec.buckets)
     outside = int(((day < 0) | (day > spec.days)).sum())

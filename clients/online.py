@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from clients.entity import EntityTableSpec, _clean_table, bucket_ids
+from clients.entity import EntityTableSpec, bucket_ids, window_prefixes
 from models.feature_names import CONSORTIUM_FEATURES, LOCAL_FEATURES, WINDOWS_DAYS
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class _ConsortiumLookup:
     """Consortium merchant features from the published table: prefix sums over days, buckets cached."""
 
     def __init__(self, table: np.ndarray, spec: EntityTableSpec, key: bytes) -> None:
-        counts, frauds = _clean_table(table, spec)
+        counts, frauds = window_prefixes(table, spec)
         self.counts, self.frauds, self.spec, self.key = counts, frauds, spec, key
         self.buckets: dict[Hashable, int] = {}
 

@@ -117,14 +117,19 @@ def noise_share(
     return np.clip(share, -bound, bound)
 
 
-def postprocess(table: np.ndarray) -> np.ndarray:
-    """Noisy totals -> counts clipped at 0, fraud counts clipped to [0, count] (post-processing keeps DP)."""
+def check_table(table: np.ndarray) -> np.ndarray:
+    """The release as published: the noisy totals, float64 (2, days, buckets), finite, NOT clipped per cell.
+
+    Post-processing happens where the table is used, on window sums (counts clipped at 0, fraud rates to
+    [0, 1], `clients.entity.consortium_features`): clipping every noisy cell first would bias each window
+    upward by the sum of the cells' clipped-off negative noise.
+    """
     arr = np.asarray(table, dtype=np.float64)
     if arr.ndim != 3 or arr.shape[0] != 2:
         raise ValueError(f"table must have shape (2, days, buckets), got {arr.shape}")
-    counts = np.clip(arr[0], 0.0, None)
-    frauds = np.clip(arr[1], 0.0, counts)
-    return np.stack([counts, frauds])
+    if not np.isfinite(arr).all():
+        raise ValueError("table must be finite")
+    return arr
 
 
 def composed_epsilon(noise_multipliers: Sequence[float], *, delta: float) -> float:

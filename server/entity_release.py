@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 
 from models.feature_names import CONSORTIUM_VERSION
 from models.federation import KEY_ENTITY, KEY_PUBLISHED, TASK, TASK_ENTITY, TASK_PUBLISH
-from models.release_noise import achieved_epsilon, calibrate_release, postprocess, share_bound
+from models.release_noise import achieved_epsilon, calibrate_release, check_table, share_bound
 from server.exact_sum import plan_exact_sum
 from server.rounds import run_round
 from server.secagg import choose_secagg
@@ -96,7 +96,7 @@ def entity_round(grid: Grid, context: Context, settings: Any) -> None:
         settings.sink["entity_mean"], contributing=contributing, integers=math.isinf(release["epsilon"])
     )
     total = total.reshape(2, int(release["days"]), int(release["buckets"]))
-    table = postprocess(total)
+    table = check_table(total)
     epsilon = achieved_epsilon(noise, contributing=contributing, n_banks=settings.n_banks)
     version = table_version(public, table)
     published = {"id": release["id"], "contributing": contributing, "version": version, "epsilon": epsilon}

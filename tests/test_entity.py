@@ -264,3 +264,19 @@ def test_missing_entity_column_named():
     spec = EntityTableSpec(start="2024-03-01", days=5, buckets=256, column="device_id")
     with pytest.raises(ValueError, match="device_id"):
         local_table(tx([(0, 0, "A", 0)]), spec, key=KEY)
+
+
+def test_window_sums_of_unclipped_noise_keep_fraud_rates_nearly_unbiased():
+    spec = EntityTableSpec(start="2024-03-01", days=40, buckets=256, delay_days=7)
+    frame = random_frame(rows=20_000, days=40, seed=5)
+    frame["is_fraud"] = (np.random.default_rng(2).random(len(frame)) < 0.01).astype(int)  # a realistic rate
+    exact = local_table(frame, spec, key=KEY)
+    noisy = exact + np.random.default_rng(1).normal(0.0, 2.0, exact.shape)
+    per_cell = noisy.copy()  # what clipping every cell before summing windows would publish
+    per_cell[0] = np.clip(per_cell[0], 0.0, None)
+    per_cell[1] = np.clip(per_cell[1], 0.0, per_cell[0])
+    rate = "consortium_fraud_rate_30d"
+    truth = consortium_features(frame, exact, spec, key=KEY)[rate].mean()
+    unbiased = consortium_features(frame, noisy, spec, key=KEY)[rate].mean()
+    biased = consortium_features(frame, per_cell, spec, key=KEY)[rate].mean()
+    assert abs(unbiased - truth) < (biased - truth) / 3

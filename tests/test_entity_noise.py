@@ -13,8 +13,8 @@ from models.release_noise import (
     ReleaseNoise,
     achieved_epsilon,
     calibrate_release,
+    check_table,
     noise_share,
-    postprocess,
     share_bound,
 )
 from server.exact_sum import ExactSumPlan, plan_exact_sum
@@ -78,12 +78,13 @@ def test_noise_shares_sum_to_calibrated_sigma():
         noise_share((3,), noise=noise, n_banks=0)
 
 
-def test_postprocess_clips_counts_and_fraud_counts():
+def test_published_table_is_not_clipped_cell_by_cell():
     table = np.array([[[5.4, -2.0, 3.0]], [[7.0, 1.0, -0.5]]])
-    out = postprocess(table)
-    np.testing.assert_allclose(out, [[[5.4, 0.0, 3.0]], [[5.4, 0.0, 0.0]]])
+    np.testing.assert_array_equal(check_table(table), table)  # window sums stay unbiased
     with pytest.raises(ValueError, match="shape"):
-        postprocess(np.zeros((3, 2, 2)))
+        check_table(np.zeros((3, 2, 2)))
+    with pytest.raises(ValueError, match="finite"):
+        check_table(np.full((2, 1, 1), np.inf))
 
 
 def test_achieved_epsilon_grows_when_banks_drop_out():
