@@ -23,7 +23,13 @@ from flwr.common import (
 )
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.server.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
 
 from models.config import FedFraudConfig
 from models.federation import CLIPPING_RANGE, KEY_ROUND, KEY_SPEC, TASK, TASK_PUBLISH, TASK_TRAIN
@@ -135,6 +141,34 @@ def build_strategy(
     strategy = cls(**kwargs)
     strategy.on_round, strategy.round_offset, strategy.current = on_round, round_offset, list(initial)
     return strategy
+
+
+class RecordedClientSideDP(DifferentialPrivacyClientSideFixedClipping):
+    """Client-level DP whose round record (checkpoint, served model) is the noised model of the next round."""
+
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Aggregate and add noise, then report the noised weights (the inner, un-noised report is held)."""
+        inner: Any = self.strategy  # a GuardedMixin strategy
+        hook = inner.on_round
+        held: dict[str, Any] = {}
+        inner.on_round = lambda round_no, info: held.update(info=info)
+        try:
+            params, metrics = super().aggregate_fit(server_round, results, failures)
+        finally:
+            inner.on_round = hook
+        round_no = server_round + inner.round_offset
+        info = dict(held.get("info") or {"round": round_no, "results": len(results)})
+        info["failures"] = len(failures)
+        if params is None:
+            info.pop("weights", None)
+            info.setdefault("discarded", "client-level DP skips a round with failures")
+        else:
+            inner.current = parameters_to_ndarrays(params)
+            info["weights"] = inner.current
+        hook(round_no, info)
+        return params, metrics
 
 
 class SecureMeanStrategy(FedAvg):
