@@ -1,10 +1,11 @@
 """`fedfraud bank start`: a bank's SuperNode over TLS with its key, pointed at its own transactions file.
 
-By default (`--mode warm`) it runs Flower's SuperNode with `--isolation process` (polling promptly, see
-clients/fast_supernode.py) next to one long-lived ClientApp process (clients/warm_runner.py), and stops both
-when either stops. `--mode subprocess` runs the stock `flower-supernode`, a fresh ClientApp process per
-message (much slower rounds). The bank's ledger (privacy spend across runs and restarts) and its log of what
-it sent live in `--state`. Plain HTTP only with an explicit `--insecure` (local trials).
+By default (`--mode warm`) it runs Flower's SuperNode with `--isolation process`, polling promptly, and the
+bank's ClientApp warm in a thread of the same process, woken as each message arrives (see
+clients/fast_supernode.py and clients/warm_runner.py): one process per bank, imports and data loaded once.
+`--mode subprocess` runs the stock `flower-supernode`, a fresh ClientApp process per message (much slower
+rounds). The bank's ledger (privacy spend across runs and restarts) and its log of what it sent live in
+`--state`. Plain HTTP only with an explicit `--insecure` (local trials).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ console = Console(stderr=True)
 Opt = typer.Option
 bank_app = typer.Typer(no_args_is_help=True, help="A bank's SuperNode (its node in the consortium).")
 MODES = ("warm", "subprocess")
+RESTART_PAUSE_S = 10.0
 
 
 class BankSetupError(Exception):
@@ -61,7 +63,14 @@ def supernode_command(
     if mode not in MODES:
         raise BankSetupError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     if mode == "warm":
-        command = [sys.executable, "-m", "clients.fast_supernode", "--isolation", "process"]
+        command = [
+            sys.executable,
+            "-m",
+            "clients.fast_supernode",
+            "--warm-clientapp",
+            "--isolation",
+            "process",
+        ]
     else:
         command = [str(Path(sys.executable).with_name("flower-supernode")), "--isolation", "subprocess"]
     command += ["--superlink", superlink, "--port", str(runtime_port), "--node-config", config]
@@ -82,39 +91,48 @@ def supernode_command(
     return [*command, "--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
 
 
-def runner_command(runtime_port: int) -> list[str]:
-    """The warm ClientApp runner next to a SuperNode whose Runtime API listens on `runtime_port`."""
-    return [sys.executable, "-m", "clients.warm_runner", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
-def supervise(commands: list[list[str]]) -> int:
-    """Run the processes together; when one exits (or on SIGTERM/Ctrl-C) stop the others; the first code."""
-    procs = [subprocess.Popen(c, env=_env()) for c in commands]  # fixed executables, no shell
+def run_node(command: list[str], stopping: list[int]) -> int:
+    """Run the node until it exits or SIGTERM/Ctrl-C asks it to stop; its exit code."""
+    proc = subprocess.Popen(command, env=_env())  # a fixed executable, no shell
+    try:
+        while not stopping and proc.poll() is None:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        stopping.append(0)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return int(proc.returncode or 0)
+
+
+def supervise(command: list[str], *, restarts: int = 0, pause_s: float = RESTART_PAUSE_S) -> int:
+    """Run the node, starting it again after a failed exit up to `restarts` times; the last exit code.
+
+    The SuperLink refuses a key whose previous session has not expired yet (~20 s after a crash).
+    """
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(0))
-    code = 0
-    try:
-        while not stopping and all(p.poll() is None for p in procs):
+    code = run_node(command, stopping)
+    for attempt in range(1, restarts + 1):
+        if stopping or code == 0:
+            break
+        console.print(f"node exited with code {code}; restart {attempt}/{restarts} in {pause_s:.0f} s")
+        deadline = time.monotonic() + pause_s
+        while not stopping and time.monotonic() < deadline:
             time.sleep(0.2)
-        code = next((p.returncode for p in procs if p.returncode is not None), 0)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    return int(code)
+        if not stopping:
+            code = run_node(command, stopping)
+    return code
 
 
 @bank_app.command("start")
@@ -130,9 +148,14 @@ def start(  # noqa: PLR0917 - typer: one parameter per flag
         str, Opt(help="Feature-table columns (comma-separated) instead of transactions.")
     ] = "",
     runtime_port: Annotated[int, Opt(help="Local port of the SuperNode's Runtime API.")] = 9094,
-    mode: Annotated[str, Opt(help="warm (one ClientApp process) or subprocess (one per message).")] = "warm",
+    mode: Annotated[
+        str, Opt(help="warm (the ClientApp stays loaded) or subprocess (a process per message).")
+    ] = "warm",
     insecure: Annotated[bool, Opt("--insecure", help="No TLS, no node key: local trials only.")] = False,
     max_retries: Annotated[int | None, Opt(help="Give up after this many failed connections.")] = None,
+    restarts: Annotated[
+        int, Opt(help="Start the node again this many times after it fails (10 s apart).")
+    ] = 5,
 ) -> None:
     """Start the bank's node in the foreground (Ctrl-C stops it)."""
     if not data.is_file():
@@ -152,8 +175,7 @@ def start(  # noqa: PLR0917 - typer: one parameter per flag
     if insecure:
         console.print("[yellow]warning:[/yellow] SuperNode without TLS or node key (--insecure)")
     console.print(f"bank {bank_id}: {data} -> {superlink} ({mode} ClientApp); ledger and sent log in {state}")
-    commands = [command, runner_command(runtime_port)] if mode == "warm" else [command]
-    raise typer.Exit(supervise(commands))
+    raise typer.Exit(supervise(command, restarts=restarts))
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,10 @@ doubling up to 0.25 s, and a 10 s heartbeat (the SuperLink's minimum; stock 30 s
 crashes is seen offline in ~20 s instead of ~60 s.
 Everything else (flags, TLS, node authentication, isolation) is Flower's own. If a Flower upgrade removes
 what is patched, the node runs stock and logs a warning.
+
+With `--warm-clientapp` (and `--isolation process`) the ClientApp runs warm in a thread of this process
+(clients/warm_runner.py), told the moment a message is stored instead of polling for tasks: the default of
+`fedfraud bank start`. Without it, run `python -m clients.warm_runner` next to the node, or Flower's own.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from types import ModuleType
@@ -25,8 +30,10 @@ from typing import Any
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 logger = logging.getLogger(__name__)
-BUSY_POLL_S, BUSY_WINDOW_S, HEARTBEAT_S = 0.2, 120.0, 10
+BUSY_POLL_S = float(os.environ.get("FEDFRAUD_NODE_POLL_S", "0.2"))  # the SuperLink pays for every poll
+BUSY_WINDOW_S, HEARTBEAT_S = 120.0, 10
 LOCAL_WAIT_S, LOCAL_POLL_S = 0.5, 0.05
+WARM_FLAG = "--warm-clientapp"
 PULL_BACKOFF: dict[str, Any] = {
     "initial_backoff": 0.05,
     "backoff_cap": 0.5,
@@ -52,8 +59,11 @@ class _PromptTime:
         return getattr(self._real, name)
 
 
-def patch_polling() -> bool:
-    """Patch Flower's SuperNode loop (this process only); False when this Flower has nothing to patch."""
+def patch_polling(wake: threading.Event | None = None) -> bool:
+    """Patch Flower's SuperNode loop (this process only); False when this Flower has nothing to patch.
+
+    `wake` is set whenever a message has been received and stored (its task is ready to run).
+    """
     import flwr.supernode.fleet_http_connection as connection  # noqa: PLC0415
     import flwr.supernode.start_client_internal as loop  # noqa: PLC0415
     from flwr.supercore import heartbeat  # noqa: PLC0415
@@ -72,6 +82,8 @@ def patch_polling() -> bool:
         run_id = pull(*args, **kwargs)
         if run_id is not None:
             clock.last_message = time.monotonic()
+            if wake is not None:
+                wake.set()
         return run_id
 
     loop.time = clock  # type: ignore[assignment]
@@ -88,11 +100,46 @@ def _flwr_version() -> str:
     return version("flwr")
 
 
+def _runtime_address(argv: list[str]) -> str:
+    """The SuperNode's Runtime API address from its `--host` and `--port` flags (Flower's defaults)."""
+
+    def value(flag: str, default: str) -> str:
+        for i, arg in enumerate(argv):
+            if arg == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
+        return default
+
+    host = value("--host", "127.0.0.1")
+    return f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{value('--port', '9094')}"
+
+
+def start_warm_clientapp(address: str, wake: threading.Event) -> threading.Thread:
+    """Serve this node's ClientApp tasks from a thread of this process, woken as each message is stored."""
+    from clients.warm_runner import serve  # noqa: PLC0415
+
+    thread = threading.Thread(target=serve, args=(address,), kwargs={"wake": wake}, name="warm-clientapp")
+    thread.daemon = True
+    thread.start()
+    return thread
+
+
 def main() -> None:
-    """Run `flower-supernode` with the arguments given, polling promptly."""
+    """Run `flower-supernode` with the arguments given, polling promptly; `--warm-clientapp`: see above."""
     from flwr.supernode.cli.flower_supernode import flower_supernode  # noqa: PLC0415
 
-    patch_polling()
+    wake = threading.Event() if WARM_FLAG in sys.argv else None
+    patch_polling(wake)
+    if wake is not None:
+        sys.argv.remove(WARM_FLAG)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [clientapp] %(message)s"))
+        logging.getLogger("clients").addHandler(handler)
+        logging.getLogger("clients").setLevel(logging.INFO)
+        for noisy in ("httpx", "httpcore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        start_warm_clientapp(_runtime_address(sys.argv[1:]), wake)
     from flwr.supercore.logger import update_console_handler  # noqa: PLC0415
 
     update_console_handler(timestamps=True, colored=False)  # an operator can follow each message in time

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from types import FrameType
 from typing import Any
@@ -44,8 +45,14 @@ from flwr.supernode.runtime.run_clientapp import (
 logger = logging.getLogger(__name__)
 APP_NAME = "fedfraud"
 # A task can start before the SuperNode holds all of its message's objects; Flower then retries after 1, 2,
-# 4... s. The SuperNode is local: retry after 0.02 s doubling up to 0.25 s (as many tries: ~2 h, as stock).
-PULL_BACKOFF: dict[str, Any] = {"initial_backoff": 0.02, "backoff_cap": 0.25, "max_tries_per_object": 30_000}
+# 4... s. The SuperNode is local: retry after 0.02 s doubling up to 0.25 s. A task whose objects never come
+# (its message was half-received when the SuperLink died) gives up after 15 minutes.
+PULL_BACKOFF: dict[str, Any] = {
+    "initial_backoff": 0.02,
+    "backoff_cap": 0.25,
+    "max_time": 900.0,
+    "max_tries_per_object": 4_000,
+}
 FAST_POLL_S, IDLE_POLL_S, BUSY_WINDOW_S = 0.1, 1.0, 120.0
 
 
@@ -53,16 +60,21 @@ class AppMismatchError(RuntimeError):
     """The task belongs to another Flower app than fedfraud: the runner refuses to serve it."""
 
 
-def _client(address: str, certificates: bytes | None, token: str | None) -> RuntimeHttpClient:
+def _client(
+    address: str, certificates: bytes | None, token: str | None, *, retry: bool = True
+) -> RuntimeHttpClient:
     interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+    invoker = make_simple_http_retry_invoker()
+    if not retry:
+        invoker.max_tries = 1
     return RuntimeHttpClient.from_server_address(
         server_address=address,
         insecure=certificates is None,
         root_certificates=certificates,
         interceptors=interceptors,
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=invoker,
     )
 
 
@@ -115,8 +127,25 @@ def run_task(address: str, token: str, app: ClientApp, certificates: bytes | Non
     return str(status)
 
 
-def serve(address: str, *, certificates: bytes | None = None, stop: list[bool] | None = None) -> None:
-    """Poll the SuperNode's Runtime API and run every ClientApp task in this warm process until stopped."""
+def _run_task_logged(address: str, token: str, app: ClientApp, certificates: bytes | None) -> None:
+    try:
+        run_task(address, token, app, certificates)
+    except Exception:  # the SuperNode fails the task after its heartbeats stop; the runner goes on
+        logger.exception("task failed before its reply could be sent")
+
+
+def serve(
+    address: str,
+    *,
+    certificates: bytes | None = None,
+    stop: list[bool] | None = None,
+    wake: threading.Event | None = None,
+) -> None:
+    """Run every ClientApp task of the SuperNode at `address` in this warm process until stopped.
+
+    With `wake` (set by the SuperNode when a message arrives, see clients/fast_supernode.py) it asks for a
+    task only when woken or once a second; without it, it polls every 0.1 s while busy.
+    """
     import torch  # noqa: PLC0415
 
     from clients.client_app import app  # noqa: PLC0415 - imported once: torch, opacus, pandas stay loaded
@@ -127,7 +156,7 @@ def serve(address: str, *, certificates: bytes | None = None, stop: list[bool] |
     runtime.pull_and_inflate_object_from_tree = functools.partial(
         runtime.pull_and_inflate_object_from_tree, **PULL_BACKOFF
     )
-    poller = _client(address, certificates, None)
+    poller = _client(address, certificates, None, retry=False)  # this loop retries (and stops when asked)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value], agentapp_fab_hashes=[])
     last_task = -BUSY_WINDOW_S
     logger.info("warm ClientApp runner polling the SuperNode at %s", address)
@@ -138,9 +167,14 @@ def serve(address: str, *, certificates: bytes | None = None, stop: list[bool] |
             logger.debug("SuperNode not reachable at %s: %s", address, exc)
             time.sleep(IDLE_POLL_S)
             continue
-        if res.HasField("task") and res.token:
-            run_task(address, res.token, app, certificates)
+        if res.HasField("task") and res.token:  # own thread: a stale task must not hold up the next one
+            args = (address, res.token, app, certificates)
+            threading.Thread(target=_run_task_logged, args=args, name="clientapp-task", daemon=True).start()
             last_task = time.monotonic()
+            continue
+        if wake is not None:
+            wake.wait(IDLE_POLL_S)
+            wake.clear()
             continue
         busy = time.monotonic() - last_task < BUSY_WINDOW_S
         time.sleep(FAST_POLL_S if busy else IDLE_POLL_S)

@@ -170,8 +170,9 @@ class RunAudit:
             "epsilon": epsilon,
             "model_hash": model_hash(weights),
         }
-        if "discarded" in record:
-            self.log.write("round_skipped", reason=str(record["discarded"]), **fields)
+        if "discarded" in record or "results" not in record:  # no aggregate: SecAgg+ halted below threshold
+            reason = record.get("discarded") or "secure aggregation halted: too few banks answered (SecAgg+)"
+            self.log.write("round_skipped", reason=str(reason), **fields)
         else:
             self.log.write("round", seconds=record.get("seconds"), **fields)
 
@@ -189,3 +190,13 @@ class RunAudit:
         if error:
             fields["error"] = error
         self.log.write("run_end", **fields)
+
+
+def open_run_audit(audit_log: str, checkpoint_dir: Path | None, grid: Any) -> RunAudit | None:
+    """The run's audit log: `audit-log`, else audit.jsonl in the checkpoint directory, else none (warned)."""
+    if audit_log:
+        return RunAudit(AuditLog(Path(audit_log)), grid)
+    if checkpoint_dir is not None:
+        return RunAudit(AuditLog(checkpoint_dir / AUDIT_FILE), grid)
+    logger.warning("no audit log: set 'audit-log' or 'checkpoint-dir' in the run config")
+    return None

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
@@ -30,13 +30,13 @@ from models.feature_names import CONSORTIUM_FEATURES, CONSORTIUM_VERSION, FEATUR
 from models.federation import CLIPPING_RANGE, MAX_WEIGHT, STATS_CLIP, TASK, TASK_STATS
 from models.nets import build_model, get_weights, init_output_bias
 from models.spec import FeatureSpec, FeatureStats
-from server.audit import AUDIT_FILE, AuditLog, RunAudit
+from server.audit import RunAudit, open_run_audit
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.entity_release import entity_round
 from server.fast_grid import PromptGrid, prompt_object_pulls
 from server.rounds import run_round
 from server.secagg import SecAggParams, choose_secagg
-from server.strategy import SecureMeanStrategy, build_strategy
+from server.strategy import RecordedClientSideDP, SecureMeanStrategy, build_strategy
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def _wrap_central_dp(strategy: Strategy, config: FedFraudConfig, n_per_round: in
             n_per_round,
             std,
         )
-    return DifferentialPrivacyClientSideFixedClipping(
+    return RecordedClientSideDP(
         strategy,
         noise_multiplier=privacy.central_dp_noise,
         clipping_norm=privacy.central_dp_clip,
@@ -249,7 +249,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     grid = PromptGrid(grid)
     prompt_object_pulls()
     directory = Path(config.federation.checkpoint_dir) if config.federation.checkpoint_dir else None
-    audit = _open_audit(config, directory, grid)
+    audit = open_run_audit(config.federation.audit_log, directory, grid)
     if audit is not None:
         start = load_checkpoint(directory) if directory else None
         audit.run_start(context.run_id, dict(context.run_config), resume_round=start.round if start else 0)
@@ -266,25 +266,18 @@ def _deployed_main(grid: Grid, context: Context) -> None:
     )
     try:
         run_federation(grid, context, settings)
-    except BaseException as exc:
+    except BaseException as exc:  # SystemExit: the SuperLink went away (or the run was stopped)
         if audit is not None:
             audit.run_end(
-                "failed", rounds_done=max(settings.sink.get("rounds") or [0]), weights=[], error=repr(exc)
+                "stopped" if isinstance(exc, SystemExit | KeyboardInterrupt) else "failed",
+                rounds_done=max(settings.sink.get("rounds") or [0]),
+                weights=[],
+                error=repr(exc),
             )
         raise
     if audit is not None:
         weights = settings.sink.get("weights", [])
         audit.run_end("completed", rounds_done=max(settings.sink.get("rounds") or [0]), weights=weights)
-
-
-def _open_audit(config: FedFraudConfig, checkpoint_dir: Path | None, grid: PromptGrid) -> RunAudit | None:
-    """The run's audit log: `audit-log`, else audit.jsonl in the checkpoint directory, else none (warned)."""
-    if config.federation.audit_log:
-        return RunAudit(AuditLog(Path(config.federation.audit_log)), grid)
-    if checkpoint_dir is not None:
-        return RunAudit(AuditLog(checkpoint_dir / AUDIT_FILE), grid)
-    logger.warning("no audit log: set 'audit-log' or 'checkpoint-dir' in the run config")
-    return None
 
 
 def wait_for_banks(grid: Grid, *, minimum: int, timeout_s: float = 300.0) -> list[int]:

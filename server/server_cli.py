@@ -46,11 +46,13 @@ def flower_bin(name: str) -> str:
 
 
 def superlink_command(
-    *, certs: Path | None, state: Path, host: str, port: int, insecure: bool = False
+    *, certs: Path | None, state: Path, host: str, port: int, insecure: bool = False, in_memory: bool = False
 ) -> list[str]:
     """The `flower-superlink` command line: TLS and node authentication, or `--insecure` when asked."""
     command = [flower_bin("flower-superlink"), "--disable-runtime-dependency-installation"]
-    command += ["--host", host, "--port", str(port), "--database", str(state / "superlink.db")]
+    command += ["--host", host, "--port", str(port)]
+    if not in_memory:  # registered (and revoked) bank keys survive a restart
+        command += ["--database", str(state / "superlink.db")]
     if insecure:
         return [*command, "--insecure"]
     if certs is None:
@@ -84,15 +86,21 @@ def run_command(
 
 
 @server_app.command("start")
-def start(
+def start(  # noqa: PLR0917 - typer: one parameter per flag
     state: StateOpt,
     certs: Annotated[Path | None, Opt(help="Directory with ca.crt, server.pem, server.key.")] = None,
     host: Annotated[str, Opt(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, Opt(help="The SuperLink's port (Fleet, Control and Runtime APIs).")] = 9092,
     insecure: Annotated[bool, Opt("--insecure", help="No TLS, no node auth: local trials only.")] = False,
+    in_memory: Annotated[
+        bool,
+        Opt("--in-memory", help="No database: faster rounds, but bank registrations end with the process."),
+    ] = False,
 ) -> None:
     """Start the SuperLink in the foreground (Ctrl-C stops it); refused bank keys go to the audit log."""
-    command = superlink_command(certs=certs, state=state, host=host, port=port, insecure=insecure)
+    command = superlink_command(
+        certs=certs, state=state, host=host, port=port, insecure=insecure, in_memory=in_memory
+    )
     state.mkdir(parents=True, exist_ok=True)
     address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     registry.write_connection(

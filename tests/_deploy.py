@@ -116,9 +116,18 @@ class Consortium:
             create_bank_key(self.certs / "banks", bank)
         init_ca(self.root / "foreign-ca")
 
-    def start_server(self) -> Proc:
+    def start_server(self, *extra: str) -> Proc:
         """`fedfraud server start` with TLS and node auth; returns once the port accepts connections."""
-        command = [FEDFRAUD, "server", "start", "--state", str(self.state), "--certs", str(self.certs)]
+        command = [
+            FEDFRAUD,
+            "server",
+            "start",
+            "--state",
+            str(self.state),
+            "--certs",
+            str(self.certs),
+            *extra,
+        ]
         proc = self.spawn([*command, "--port", str(self.port)], "server")
         wait_for(lambda: self._listening() or not proc.alive(), timeout=120, what="the SuperLink's port")
         assert proc.alive(), proc.text()
