@@ -161,13 +161,16 @@ class RunAudit:
         """A training round: participants, dropouts, each bank's epsilon, the global model's hash."""
         answers = self.grid.take_answers()
         banks = self.grid.bank_ids()
-        epsilon = {str(b): float(m.get("epsilon", 0.0)) for b, m in record.get("banks", {}).items()}
+        metrics = record.get("banks", {})
+        epsilon = {str(b): float(m.get("epsilon", 0.0)) for b, m in metrics.items()}
+        entity = {str(b): float(m["entity-epsilon"]) for b, m in metrics.items() if "entity-epsilon" in m}
         fields: dict[str, Any] = {
             "round": round_no,
             "participants": sorted(n for n, a in answers.items() if a == "ok"),
             "dropouts": {str(n): a for n, a in sorted(answers.items()) if a != "ok"},
             "banks": {str(n): b for n, b in sorted(banks.items())},
             "epsilon": epsilon,
+            "entity_epsilon": entity,
             "model_hash": model_hash(weights),
         }
         if "discarded" in record or "results" not in record:  # no aggregate: SecAgg+ halted below threshold
@@ -176,17 +179,39 @@ class RunAudit:
         else:
             self.log.write("round", seconds=record.get("seconds"), **fields)
 
+    def entity_release(self, sink: dict[str, Any]) -> None:
+        """The entity release: who contributed, its public parameters, achieved epsilon and table version."""
+        answers = self.grid.take_answers()
+        release = {k: v for k, v in json.loads(sink["entity_release"]).items() if k != "key"}
+        self.log.write(
+            "entity_release",
+            participants=sorted(n for n, a in answers.items() if a == "ok"),
+            dropouts={str(n): a for n, a in sorted(answers.items()) if a != "ok"},
+            release=release,
+            contributing=int(sink["entity_contributing"]),
+            epsilon_achieved=float(sink["entity_epsilon"]),
+            table_version=str(sink["entity_version"]),
+        )
+
     def checkpoint(self, round_no: int, path: Path) -> None:
         """A checkpoint was written."""
         self.log.write("checkpoint", round=round_no, path=str(path))
 
     def run_end(
-        self, status: str, *, rounds_done: int, weights: Sequence[np.ndarray], error: str = ""
+        self,
+        status: str,
+        *,
+        rounds_done: int,
+        weights: Sequence[np.ndarray],
+        error: str = "",
+        served: Sequence[np.ndarray] = (),
     ) -> None:
-        """The run finished (or failed): the last round and the final model's hash."""
+        """The run finished (or failed): the last round, the final and the served (tail-averaged) models."""
         fields: dict[str, Any] = {"status": status, "rounds_done": rounds_done}
         if weights:
             fields["model_hash"] = model_hash(weights)
+        if served:
+            fields["served_model_hash"] = model_hash(served)
         if error:
             fields["error"] = error
         self.log.write("run_end", **fields)

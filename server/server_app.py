@@ -198,6 +198,8 @@ def run_federation(grid: Grid, context: Context, settings: ServerSettings) -> No
     else:
         if config.entity.enabled:
             entity_round(grid, context, settings)
+            if settings.audit is not None:
+                settings.audit.entity_release(settings.sink)
         spec_json = stats_round(grid, context, settings).to_json()
         if settings.audit is not None:
             settings.audit.stats_round("stats_round")
@@ -276,8 +278,9 @@ def _deployed_main(grid: Grid, context: Context) -> None:
             )
         raise
     if audit is not None:
-        weights = settings.sink.get("weights", [])
-        audit.run_end("completed", rounds_done=max(settings.sink.get("rounds") or [0]), weights=weights)
+        weights, served = settings.sink.get("weights", []), settings.sink.get("served_weights", [])
+        done = max(settings.sink.get("rounds") or [0])
+        audit.run_end("completed", rounds_done=done, weights=weights, served=served)
 
 
 def wait_for_banks(grid: Grid, *, minimum: int, timeout_s: float = 300.0) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -148,3 +149,34 @@ def test_the_audit_log_defaults_to_the_checkpoint_directory(tmp_path):
     assert beside is not None and beside.log.path == tmp_path / "ckpt" / "audit.jsonl"
     named = open_run_audit(str(tmp_path / "a.jsonl"), tmp_path / "ckpt", grid=None)
     assert named is not None and named.log.path == tmp_path / "a.jsonl"
+
+
+class _Answers:
+    """The part of the PromptGrid that RunAudit reads: who answered the last message round."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def take_answers(self):
+        return self.answers
+
+
+def test_the_entity_release_and_the_served_model_are_audited_without_the_key(tmp_path):
+    audit = open_run_audit("", tmp_path, _Answers({11: "ok", 12: "ok", 13: "node unavailable"}))
+    release = {"id": "r1", "column": "merchant_id", "epsilon": 3.0, "key": "ab" * 16, "days": 30}
+    sink = {
+        "entity_release": json.dumps(release),
+        "entity_contributing": 2,
+        "entity_epsilon": 3.4,
+        "entity_version": "consortium-v1:abc",
+    }
+    audit.entity_release(sink)
+    weights, served = [np.ones(3, dtype=np.float32)], [np.zeros(3, dtype=np.float32)]
+    audit.run_end("completed", rounds_done=4, weights=weights, served=served)
+    entity, end = read_audit(tmp_path / "audit.jsonl")
+    assert entity["event"] == "entity_release" and entity["participants"] == [11, 12]
+    assert entity["dropouts"] == {"13": "node unavailable"} and entity["contributing"] == 2
+    assert entity["epsilon_achieved"] == 3.4 and entity["table_version"] == "consortium-v1:abc"
+    assert "key" not in entity["release"] and entity["release"]["id"] == "r1"
+    assert "ab" * 16 not in (tmp_path / "audit.jsonl").read_text()
+    assert end["served_model_hash"] == model_hash(served) != end["model_hash"]

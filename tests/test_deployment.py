@@ -57,7 +57,8 @@ def _events(events, name):
 def test_two_rounds_over_tls_with_secagg_and_dp(consortium: Consortium):
     since = len(consortium.audit())
     with consortium.banks(BANKS[:3], "tls"):
-        _finish(consortium.run("tls", rounds=2, run_config="min-fit-banks=3"))
+        entity = "entity-features='merchant_id' entity-buckets=1024 entity-start='2024-01-01' entity-days=30"
+        _finish(consortium.run("tls", rounds=2, run_config=f"min-fit-banks=3 {entity}"))
     events = consortium.audit(since)
     start = _events(events, "run_start")[0]
     assert start["config"]["rounds"] == 2 and start["config"]["secagg"] and start["config"]["dp"]
@@ -65,8 +66,12 @@ def test_two_rounds_over_tls_with_secagg_and_dp(consortium: Consortium):
     joined = {e["node_id"]: e["key_fingerprint"] for e in _events(events, "bank_joined")}
     keys = consortium.certs / "banks"
     assert joined == {int(consortium.node_ids[b]): key_fingerprint(keys / f"{b}.pub") for b in BANKS[:3]}
+    (release,) = _events(events, "entity_release")  # the consortium features on the real SuperLink path
+    assert release["contributing"] == 3 and set(release["participants"]) == set(joined)
+    assert "key" not in release["release"] and release["table_version"].startswith("consortium-v1:")
     rounds = _events(events, "round")
     assert [r["round"] for r in rounds] == [1, 2]
+    assert all(e == pytest.approx(3.0, abs=0.02) for e in rounds[-1]["entity_epsilon"].values())
     for record in rounds:
         assert set(record["participants"]) == set(joined) and record["dropouts"] == {}
         assert set(record["epsilon"]) == {"0", "1", "2"}
@@ -93,6 +98,8 @@ def test_two_rounds_over_tls_with_secagg_and_dp(consortium: Consortium):
         assert {"setup", "share_keys", "collect_masked_vectors", "unmask"} <= stages
         assert all(r["bytes"] > 0 and not r["error"] for r in sent)
         assert math.isclose(sent[-1]["epsilon"], rounds[1]["epsilon"][str(index)], rel_tol=1e-9)
+        (joined_release,) = ledger(state / "ledger.json")["releases"]
+        assert joined_release["version"] == release["table_version"]
         spent = ledger(state / "ledger.json")["state"]["dp-epsilon-spent"]
         assert math.isclose(spent, rounds[1]["epsilon"][str(index)], rel_tol=1e-9)
 
