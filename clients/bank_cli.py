@@ -33,8 +33,16 @@ class BankSetupError(Exception):
     """The bank's node cannot start as asked (missing file or key, no TLS without --insecure)."""
 
 
-def node_config(*, data: Path, bank_id: int, state: Path, columns: str = "", features: str = "") -> str:
-    """The `--node-config` string: data-path, bank-id, ledger-path, sent-log (+ columns, features)."""
+def node_config(
+    *,
+    data: Path,
+    bank_id: int,
+    state: Path,
+    columns: str = "",
+    features: str = "",
+    limits: dict[str, float] | None = None,
+) -> str:
+    """The `--node-config` string: data-path, bank-id, ledger-path, sent-log (+ columns, features, limits)."""
     values: dict[str, str | int] = {
         "data-path": str(data.resolve()),
         "bank-id": bank_id,
@@ -45,6 +53,7 @@ def node_config(*, data: Path, bank_id: int, state: Path, columns: str = "", fea
         values["columns"] = columns
     if features:
         values["features"] = features
+    values.update({k: str(v) for k, v in (limits or {}).items()})  # clients/node_policy.py
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
@@ -156,11 +165,20 @@ def start(  # noqa: PLR0917 - typer: one parameter per flag
     restarts: Annotated[
         int, Opt(help="Start the node again this many times after it fails (10 s apart).")
     ] = 5,
+    max_epsilon: Annotated[
+        float | None, Opt(help="Refuse runs whose DP-SGD budget dp-epsilon is above this.")
+    ] = None,
+    entity_budget: Annotated[
+        float | None, Opt(help="Cap on this bank's composed entity-release epsilon.")
+    ] = None,
 ) -> None:
     """Start the bank's node in the foreground (Ctrl-C stops it)."""
     if not data.is_file():
         raise BankSetupError(f"{data}: the bank's transactions file does not exist (--data)")
-    config = node_config(data=data, bank_id=bank_id, state=state, columns=columns, features=features)
+    limits = {k: v for k, v in (("max-epsilon", max_epsilon), ("entity-budget", entity_budget)) if v}
+    config = node_config(
+        data=data, bank_id=bank_id, state=state, columns=columns, features=features, limits=limits
+    )
     command = supernode_command(
         superlink=superlink,
         config=config,

@@ -77,3 +77,17 @@ def test_secagg_messages_publish_and_evaluate_pass():
     assert _answered(_message({RECORD_KEY_CONFIGS: ConfigRecord({"stage": "setup"})}), {})
     assert _answered(_message({"fitins.config": ConfigRecord({"task": "publish"})}), {})
     assert _answered(_message({"evaluateins.config": ConfigRecord({})}, MessageType.EVALUATE), {})
+
+
+def test_fedfraud_bank_start_limits_reach_the_policy(tmp_path):
+    from flwr.common.config import parse_config_args  # noqa: PLC0415
+
+    from clients.bank_cli import node_config  # noqa: PLC0415
+
+    limits = {"max-epsilon": 2.0, "entity-budget": 6.0}
+    node = parse_config_args(
+        [node_config(data=tmp_path / "t.parquet", bank_id=1, state=tmp_path, limits=limits)]
+    )
+    with pytest.raises(BankPolicyError, match="max-epsilon"):
+        apply_bank_policy(load_config({"dp-epsilon": 3.0}), node)
+    assert apply_bank_policy(load_config({"dp-epsilon": 2.0}), node).entity.entity_bank_epsilon == 6.0
