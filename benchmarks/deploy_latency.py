@@ -30,6 +30,7 @@ from tests._deploy import Consortium
 
 ROLES = {
     "flower-superlink": "superlink",
+    "server.fast_superlink": "superlink",
     "flwr-serverapp": "serverapp",
     "clients.fast_supernode": "supernodes",
     "flower-supernode": "supernodes",

@@ -48,8 +48,9 @@ def flower_bin(name: str) -> str:
 def superlink_command(
     *, certs: Path | None, state: Path, host: str, port: int, insecure: bool = False, in_memory: bool = False
 ) -> list[str]:
-    """The `flower-superlink` command line: TLS and node authentication, or `--insecure` when asked."""
-    command = [flower_bin("flower-superlink"), "--disable-runtime-dependency-installation"]
+    """The `flower-superlink` command line (server/fast_superlink.py): TLS and node auth, or `--insecure`."""
+    command = [sys.executable, "-m", "server.fast_superlink"]  # flower-superlink, its state indexed
+    command += ["--disable-runtime-dependency-installation"]
     command += ["--host", host, "--port", str(port)]
     if not in_memory:  # registered (and revoked) bank keys survive a restart
         command += ["--database", str(state / "superlink.db")]

@@ -1,0 +1,129 @@
+"""`flower-superlink` with its SQLite state indexed: `python -m server.fast_superlink <superlink flags>`.
+
+Flower 1.42 keeps the SuperLink's state (`--database`) in SQLite through SQLAlchemy, already in WAL mode with
+`synchronous=NORMAL` (no fsync per commit), but without indexes on the columns its hot statements search:
+every SuperNode poll claims its messages with an UPDATE on `message_ins.dst_node_id` (a full scan of the
+table, every 0.2 s per bank), and every object deleted once a message is consumed makes SQLite's
+`ON DELETE CASCADE` foreign keys scan `object_children.child_id` and `run_objects.object_id` (a full scan
+per object: quadratic in the objects of a SecAgg+ round). And most of its requests write (a poll claims
+messages, every message adds to the run's traffic counters, task tokens are swept): concurrent write
+transactions from its gRPC threads collide on SQLite's lock, whose busy handler sleeps 1-100 ms and retries.
+This launcher runs the unchanged SuperLink, adds those indexes once Flower has created or migrated the
+database (`CREATE INDEX IF NOT EXISTS`, kept in the file; Flower's schema version is unchanged), and runs
+its transactions one at a time in this process (the only one that opens the database): threads queue on a
+lock instead of sleeping in SQLite. Same data, same commits, same durability (WAL, synchronous=NORMAL).
+Everything else (flags, TLS, node authentication) is Flower's own. If a Flower upgrade removes what is
+patched, the SuperLink runs stock and logs a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+logger = logging.getLogger(__name__)
+_TRANSACTION = threading.RLock()  # one SQLite transaction at a time in this process: no busy-wait sleeps
+INDEXES: tuple[tuple[str, str, str], ...] = (  # (name, table, columns)
+    ("fedfraud_idx_message_ins_dst", "message_ins", "dst_node_id, delivered_at"),
+    ("fedfraud_idx_message_ins_run", "message_ins", "run_id"),
+    ("fedfraud_idx_message_res_run", "message_res", "run_id"),
+    ("fedfraud_idx_object_children_child", "object_children", "child_id"),
+    ("fedfraud_idx_run_objects_object", "run_objects", "object_id"),
+)
+
+
+def add_indexes(engine: Any, tables: list[str]) -> list[str]:
+    """Create the missing indexes on those of `tables` that exist; the names of the indexes ensured."""
+    from sqlalchemy import text  # noqa: PLC0415
+
+    ensured = []
+    with engine.begin() as conn:
+        for name, table, columns in INDEXES:
+            if table in tables:
+                conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})"))
+                ensured.append(name)
+        if ensured:
+            conn.execute(text("ANALYZE"))
+    return ensured
+
+
+def patch_state() -> bool:
+    """Index Flower's SQLite state as it is opened (this process only); False when nothing to patch."""
+    from flwr.supercore import sql_mixin  # noqa: PLC0415
+
+    initialize: Callable[..., list[str]] | None = getattr(sql_mixin.SqlMixin, "initialize", None)
+    if initialize is None:
+        logger.warning("flwr %s: SuperLink state not indexed, rounds will be slower", _flwr_version())
+        return False
+
+    def initialize_indexed(self: Any, *args: Any, **kwargs: Any) -> list[str]:
+        tables = initialize(self, *args, **kwargs)
+        engine = getattr(self, "_engine", None)
+        if engine is None or getattr(self, "database_backend", None) != "sqlite":
+            return tables
+        try:
+            ensured = add_indexes(engine, tables)
+        except Exception:  # an index is a speed-up only: never keep the SuperLink from starting
+            logger.warning("SuperLink state not indexed, rounds will be slower", exc_info=True)
+            return tables
+        logger.debug("SuperLink state indexes: %s", ", ".join(ensured))
+        return tables
+
+    sql_mixin.SqlMixin.initialize = initialize_indexed  # type: ignore[method-assign]
+    session: Callable[..., Any] = sql_mixin.SqlMixin.session
+
+    @contextlib.contextmanager
+    def serialized_session(self: Any) -> Iterator[Any]:
+        with _TRANSACTION, session(self) as current:
+            yield current
+
+    sql_mixin.SqlMixin.session = serialized_session  # type: ignore[method-assign]
+    return True
+
+
+def patch_task_sweep() -> bool:
+    """Sweep expired task tokens only when one has expired (a read first); False when nothing to patch."""
+    from flwr.supercore.corestate import sql_corestate as core  # noqa: PLC0415
+    from sqlalchemy import select  # noqa: PLC0415
+
+    sweep: Callable[[Any], None] | None = getattr(core.SqlCoreState, "_cleanup_expired_task_tokens", None)
+    task = getattr(core, "TaskModel", None)
+    if sweep is None or task is None or not hasattr(core, "now"):
+        logger.warning("flwr %s: task tokens swept on every request", _flwr_version())
+        return False
+
+    def sweep_when_due(self: Any) -> None:
+        expired = select(task.task_id).where(task.token.is_not(None), task.active_until < core.now())
+        with self.session() as session:  # a read: no write lock, no commit
+            due = session.execute(expired.limit(1)).first() is not None
+        if due:  # Flower's own sweep, which checks everything again in its write transaction
+            sweep(self)
+
+    core.SqlCoreState._cleanup_expired_task_tokens = sweep_when_due  # type: ignore[method-assign]
+    return True
+
+
+def _flwr_version() -> str:
+    from importlib.metadata import version  # noqa: PLC0415
+
+    return version("flwr")
+
+
+def main() -> None:
+    """Run `flower-superlink` with the arguments given, its SQLite state indexed."""
+    from flwr.superlink.cli import flower_superlink  # noqa: PLC0415
+
+    patch_state()
+    patch_task_sweep()
+    sys.argv[0] = "flower-superlink"
+    flower_superlink()
+
+
+if __name__ == "__main__":
+    main()
