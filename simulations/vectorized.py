@@ -93,10 +93,10 @@ def _run_rounds(
         if reason is None:
             info["seconds"] = round(time.perf_counter() - started, 3)
             fed.sink.setdefault("round_weights", {})[server_round] = fed.weights_list()
+            tail.add(server_round, fed.weights_list())  # as the Flower path: only rounds with a new model
         else:
             logger.error("round %d: aggregate discarded, the global model is kept: %s", server_round, reason)
             info["discarded"] = reason
-        tail.add(server_round, fed.weights_list())
         banks = evaluate_banks(fed, transform)
         ledger.update({b: float(m.get("epsilon", 0.0)) for b, m in banks.items()})
         record = {**info, "banks": banks, "evaluate_failures": 0, "ledger": dict(ledger)}
