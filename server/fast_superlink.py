@@ -12,6 +12,11 @@ This launcher runs the unchanged SuperLink, adds those indexes once Flower has c
 database (`CREATE INDEX IF NOT EXISTS`, kept in the file; Flower's schema version is unchanged), and runs
 its transactions one at a time in this process (the only one that opens the database): threads queue on a
 lock instead of sleeping in SQLite. Same data, same commits, same durability (WAL, synchronous=NORMAL).
+Every request also passes eight `BaseHTTPMiddleware` layers (each one an extra task group and stream per
+request); the four Control API layers, and the Fleet event log when no event-log plugin is loaded, do nothing
+for a Fleet request, so here they are only entered for the requests they act on. Node authentication looks
+up the node of each request's public key in the database; the answer is cached and dropped whenever a node
+is created or unregistered (revocation takes effect at once). The signature itself is verified every time.
 Everything else (flags, TLS, node authentication) is Flower's own. If a Flower upgrade removes what is
 patched, the SuperLink runs stock and logs a warning.
 """
@@ -19,6 +24,7 @@ patched, the SuperLink runs stock and logs a warning.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -109,6 +115,109 @@ def patch_task_sweep() -> bool:
     return True
 
 
+class _PathGate:
+    """Pure ASGI wrapper: enter `middleware` only for the requests it acts on, else go straight to `app`."""
+
+    def __init__(self, app: Any, *, middleware: type, applies: Callable[[dict], bool], **kwargs: Any) -> None:
+        self.app, self.applies, self.inner = app, applies, middleware(app, **kwargs)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        """Run the wrapped middleware when it applies to this request, else the next app directly."""
+        if scope.get("type") == "http" and not self.applies(scope):
+            await self.app(scope, receive, send)
+        else:
+            await self.inner(scope, receive, send)
+
+
+def _control_request(scope: dict) -> bool:
+    return str(scope.get("path", "")).startswith("/v1/control/")
+
+
+def _fleet_event_logged(scope: dict) -> bool:
+    state = getattr(scope.get("app"), "state", None)
+    return getattr(state, "fleet_event_log_plugin", True) is not None  # unknown: enter the middleware
+
+
+GATES: dict[str, Callable[[dict], bool]] = {
+    "ControlSensitiveResponseMiddleware": _control_request,
+    "ControlAuthenticationMiddleware": _control_request,
+    "ControlLicenseMiddleware": _control_request,
+    "ControlEventLogMiddleware": _control_request,
+    "FleetEventLogMiddleware": _fleet_event_logged,
+}
+
+
+def patch_middleware() -> bool:
+    """Enter the Control (and idle Fleet event-log) middlewares only where they act; False if unpatched."""
+    from flwr.superlink import main as superlink_main  # noqa: PLC0415
+    from starlette.middleware import Middleware  # noqa: PLC0415
+
+    stock: Callable[[], list[Any]] | None = getattr(superlink_main, "_get_middleware", None)
+    if stock is None:
+        logger.warning("flwr %s: every request passes every middleware", _flwr_version())
+        return False
+
+    def gated() -> list[Any]:
+        layers = []
+        for layer in stock():
+            applies = GATES.get(getattr(layer.cls, "__name__", ""))
+            if applies is None or layer.args:
+                layers.append(layer)
+            else:
+                gate = Middleware(_PathGate, middleware=layer.cls, applies=applies, **layer.kwargs)  # type: ignore[arg-type]
+                layers.append(gate)
+        return layers
+
+    superlink_main._get_middleware = gated
+    return True
+
+
+def patch_node_lookup() -> bool:
+    """Cache each public key's node id; dropped whenever a node is created or unregistered."""
+    from flwr.server.superlink.linkstate import sql_linkstate  # noqa: PLC0415
+
+    cls = sql_linkstate.SqlLinkState
+    lookup = getattr(cls, "get_node_id_by_public_key", None)
+    create, delete = getattr(cls, "create_node", None), getattr(cls, "delete_node", None)
+    if lookup is None or create is None or delete is None:
+        logger.warning("flwr %s: node keys looked up on every request", _flwr_version())
+        return False
+    cache: dict[bytes, int] = {}
+    guard = threading.Lock()
+    epoch = [0, 0]  # [changes started, changes finished]: cache only what was read while none was running
+
+    def cached_lookup(self: Any, public_key: bytes) -> int | None:
+        with guard:
+            if public_key in cache:
+                return cache[public_key]
+            started = tuple(epoch)
+        node_id = lookup(self, public_key)
+        with guard:
+            if node_id is not None and tuple(epoch) == started and started[0] == started[1]:
+                cache[public_key] = node_id
+        return node_id
+
+    def invalidating(write: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(write)
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with guard:
+                epoch[0] += 1
+                cache.clear()
+            try:
+                return write(self, *args, **kwargs)
+            finally:
+                with guard:
+                    epoch[1] += 1
+                    cache.clear()
+
+        return wrapper
+
+    cls.get_node_id_by_public_key = cached_lookup  # type: ignore[method-assign]
+    cls.create_node = invalidating(create)  # type: ignore[method-assign]
+    cls.delete_node = invalidating(delete)  # type: ignore[method-assign]
+    return True
+
+
 def _flwr_version() -> str:
     from importlib.metadata import version  # noqa: PLC0415
 
@@ -121,6 +230,8 @@ def main() -> None:
 
     patch_state()
     patch_task_sweep()
+    patch_middleware()
+    patch_node_lookup()
     sys.argv[0] = "flower-superlink"
     flower_superlink()
 
