@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,11 +27,38 @@ from server.certs import create_bank_key, init_ca, issue_server_cert
 FEDFRAUD = str(Path(sys.executable).with_name("fedfraud"))
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """First port of the range the kernel hands to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on 127.0.0.1 now, never handed out before by this process, below the ephemeral range.
+
+    A port the kernel picked for `bind(0)` comes from the ephemeral range, where the many outgoing
+    connections of a consortium on one machine also take theirs: a node told to listen there later can
+    find it taken (two banks were once given the same port). Ports below that range are never assigned to
+    outgoing connections.
+    """
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, max(_ephemeral_low(), 20001))
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free TCP port on 127.0.0.1 below the ephemeral range")
 
 
 def wait_for(check: Callable[[], Any], *, timeout: float, what: str, poll: float = 0.5) -> Any:
