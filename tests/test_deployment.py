@@ -31,9 +31,9 @@ def consortium(tmp_path_factory: pytest.TempPathFactory):
     write_consortium(generate_consortium(gen), root / "data", config=gen)
     deployment = Consortium(root=root, data=root / "data")
     try:
-        deployment.make_certs([*BANKS, "stranger", "revoked"])
+        deployment.make_certs([*BANKS, "stranger", "revoked", "connected"])
         deployment.start_server()
-        for bank in [*BANKS, "revoked"]:
+        for bank in [*BANKS, "revoked", "connected"]:
             deployment.register(bank)
         from server import registry  # noqa: PLC0415
 
@@ -126,6 +126,22 @@ def test_unregistered_revoked_plaintext_and_foreign_ca_nodes_are_refused(consort
     online = consortium.online()
     assert consortium.node_ids["revoked"] not in online
     assert online <= {consortium.node_ids[b] for b in BANKS}
+
+
+def test_a_connected_bank_revoked_is_refused_at_its_next_request(consortium: Consortium):
+    from server import registry  # noqa: PLC0415
+
+    since = len(consortium.audit())
+    node = consortium.start_bank("connected", 0, "--restarts", "0")
+    consortium.wait_online(["connected"])
+    registry.revoke_bank(
+        consortium.node_ids["connected"], connection="fedfraud", flwr_home=consortium.flwr_home
+    )
+    node.wait(timeout=120)  # refused at its next request: Flower's SuperNode shuts down
+    assert "SuperNode terminated" in node.text(), node.text()[-2000:]
+    refused = [e["api"] for e in _events(consortium.audit(since), "auth_failed")]  # a 401 names no key
+    assert any(api.startswith("/v1/fleet/") for api in refused), refused
+    assert consortium.node_ids["connected"] not in consortium.online()
 
 
 def test_a_bank_killed_mid_round_is_a_dropout_and_the_round_completes(consortium: Consortium):

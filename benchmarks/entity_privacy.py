@@ -1,0 +1,89 @@
+"""Where the consortium features' average precision goes under privacy: record DP x entity-release noise.
+
+Trains `federated_entity` (vectorized engine, the same math as the Flower path) on one data set for each
+combination of record-level DP-SGD (on at `--dp-epsilon`, or off) and entity-release noise (on at
+`--entity-epsilon`, or off: the exact consortium table), over several seeds, and prints the average precision
+of each cell with its share of the central pooled baseline (`--pooled`, from a `fedfraud simulate` run's
+metrics.json, or measured here with `--measure-pooled`).
+
+    python benchmarks/entity_privacy.py --data results/demo-data --seeds 0 1 2
+    python benchmarks/entity_privacy.py --data results/demo-data --set entity-epsilon=8 --only both
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.config import load_config
+from simulations.baselines import central_pooled
+from simulations.dataset import DataSource, prepare
+from simulations.results import method_metrics, predictions_frame
+from simulations.vectorized import VectorizedOptions, run_vectorized
+
+CELLS: dict[str, dict[str, Any]] = {
+    "none": {"dp": False, "entity-epsilon": float("inf")},
+    "record only": {"dp": True, "entity-epsilon": float("inf")},
+    "entity only": {"dp": False},
+    "both": {"dp": True},
+}
+
+
+def average_precision(data: Any, overrides: dict[str, Any]) -> float:
+    """Global AP of federated_entity trained with these config overrides."""
+    config = load_config(overrides)
+    result = run_vectorized(data, config, options=VectorizedOptions())
+    return float(method_metrics(predictions_frame(data, result.scores))["global"]["ap"])
+
+
+def pooled_ap(data: Any, overrides: dict[str, Any]) -> float:
+    """Global AP of the central pooled baseline (no privacy, all rows in one place)."""
+    scores = central_pooled(data, load_config(overrides))
+    return float(method_metrics(predictions_frame(data, scores))["global"]["ap"])
+
+
+def main() -> None:
+    """Print the AP grid (mean over seeds, each seed's value) and its share of central pooled."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="a directory of bank files or a pooled file")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--dp-epsilon", type=float, default=3.0)
+    parser.add_argument("--entity-epsilon", type=float, default=3.0)
+    parser.add_argument("--set", action="append", default=[], help="another config key=value (repeatable)")
+    parser.add_argument("--only", choices=list(CELLS), action="append", help="run only these cells")
+    parser.add_argument("--pooled", type=float, default=None, help="central pooled AP to compare with")
+    parser.add_argument("--measure-pooled", action="store_true", help="train central pooled here per seed")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)  # the per-bank "no DP" notes of the noise-free cells
+    warnings.filterwarnings("ignore")  # Opacus' "optimal order" notes at large epsilons
+    extra = dict(item.split("=", 1) for item in args.set)
+    base = {"entity-features": "merchant_id", "dp-epsilon": args.dp_epsilon}
+    base |= {"entity-epsilon": args.entity_epsilon, **extra}
+    results: dict[str, list[float]] = {name: [] for name in args.only or CELLS}
+    pooled: list[float] = []
+    for seed in args.seeds:
+        data = prepare(DataSource(path=args.data), load_config({**base, "seed": seed}).split)
+        if args.measure_pooled:
+            pooled.append(pooled_ap(data, {**base, "seed": seed}))
+        for name, values in results.items():
+            values.append(average_precision(data, {**base, **CELLS[name], "seed": seed}))
+            print(f"seed {seed} {name:12s} AP {values[-1]:.4f}", flush=True)
+    reference = statistics.mean(pooled) if pooled else args.pooled
+    print(f"\nfederated_entity, record eps {args.dp_epsilon:g}, entity eps {args.entity_epsilon:g}, {extra}")
+    print(f"{'privacy':12s} {'mean AP':>8s} {'of pooled':>10s}  per seed")
+    for name, values in results.items():
+        share = f"{statistics.mean(values) / reference:10.0%}" if reference else f"{'-':>10s}"
+        print(f"{name:12s} {statistics.mean(values):8.4f} {share}  {[round(v, 3) for v in values]}")
+    if pooled:
+        print(f"{'pooled':12s} {reference:8.4f} {'100%':>10s}  {[round(v, 3) for v in pooled]}")
+
+
+if __name__ == "__main__":
+    main()
