@@ -117,9 +117,12 @@ def _runtime_address(argv: list[str]) -> str:
 
 def start_warm_clientapp(address: str, wake: threading.Event) -> threading.Thread:
     """Serve this node's ClientApp tasks from a thread of this process, woken as each message is stored."""
+    from clients.inprocess_runtime import capture_runtime_app  # noqa: PLC0415
     from clients.warm_runner import serve  # noqa: PLC0415
 
-    thread = threading.Thread(target=serve, args=(address,), kwargs={"wake": wake}, name="warm-clientapp")
+    in_process = capture_runtime_app()  # before Flower creates the app: tasks then skip the HTTP hop
+    kwargs = {"wake": wake, "in_process": in_process}
+    thread = threading.Thread(target=serve, args=(address,), kwargs=kwargs, name="warm-clientapp")
     thread.daemon = True
     thread.start()
     return thread

@@ -42,6 +42,8 @@ from flwr.supernode.runtime.run_clientapp import (
     push_task_output,
 )
 
+from clients.inprocess_runtime import InProcessRuntime, runtime_app
+
 logger = logging.getLogger(__name__)
 APP_NAME = "fedfraud"
 # A task can start before the SuperNode holds all of its message's objects; Flower then retries after 1, 2,
@@ -54,6 +56,7 @@ PULL_BACKOFF: dict[str, Any] = {
     "max_tries_per_object": 4_000,
 }
 FAST_POLL_S, IDLE_POLL_S, BUSY_WINDOW_S = 0.1, 1.0, 120.0
+NODE_APP_WAIT_S = 120.0  # the SuperNode creates its Runtime app after it has connected to the SuperLink
 
 
 class AppMismatchError(RuntimeError):
@@ -90,9 +93,20 @@ def _heartbeat_fn(client: RuntimeHttpClient) -> Any:
     return beat
 
 
-def run_task(address: str, token: str, app: ClientApp, certificates: bytes | None = None) -> str:
-    """Run one task of the SuperNode in this process; returns its final status (completed/failed)."""
-    client = _client(address, certificates, token)
+def run_task(
+    address: str,
+    token: str,
+    app: ClientApp,
+    certificates: bytes | None = None,
+    node_app: Any | None = None,
+) -> str:
+    """Run one task of the SuperNode in this process; returns its final status (completed/failed).
+
+    With `node_app` (the SuperNode's own Runtime app, same process) its handlers are called directly.
+    """
+    client: Any = (
+        InProcessRuntime(node_app, token) if node_app is not None else _client(address, certificates, token)
+    )
     heartbeat = HeartbeatSender(_heartbeat_fn(client))
     heartbeat.start()
     context, status, details = None, SubStatus.FAILED, "ClientApp task failed"
@@ -127,9 +141,11 @@ def run_task(address: str, token: str, app: ClientApp, certificates: bytes | Non
     return str(status)
 
 
-def _run_task_logged(address: str, token: str, app: ClientApp, certificates: bytes | None) -> None:
+def _run_task_logged(
+    address: str, token: str, app: ClientApp, certificates: bytes | None, node_app: Any | None
+) -> None:
     try:
-        run_task(address, token, app, certificates)
+        run_task(address, token, app, certificates, node_app)
     except Exception:  # the SuperNode fails the task after its heartbeats stop; the runner goes on
         logger.exception("task failed before its reply could be sent")
 
@@ -140,11 +156,13 @@ def serve(
     certificates: bytes | None = None,
     stop: list[bool] | None = None,
     wake: threading.Event | None = None,
+    in_process: bool = False,
 ) -> None:
     """Run every ClientApp task of the SuperNode at `address` in this warm process until stopped.
 
     With `wake` (set by the SuperNode when a message arrives, see clients/fast_supernode.py) it asks for a
-    task only when woken or once a second; without it, it polls every 0.1 s while busy.
+    task only when woken or once a second; without it, it polls every 0.1 s while busy. With `in_process`
+    (the runner is a thread of the SuperNode) it calls the node's Runtime handlers instead of its HTTP API.
     """
     import torch  # noqa: PLC0415
 
@@ -156,10 +174,18 @@ def serve(
     runtime.pull_and_inflate_object_from_tree = functools.partial(
         runtime.pull_and_inflate_object_from_tree, **PULL_BACKOFF
     )
-    poller = _client(address, certificates, None, retry=False)  # this loop retries (and stops when asked)
+    node_app = runtime_app(timeout=NODE_APP_WAIT_S) if in_process else None
+    if in_process and node_app is None:
+        logger.warning("the SuperNode's Runtime app did not appear: speaking HTTP to %s", address)
+    poller: Any = (  # this loop retries (and stops when asked)
+        InProcessRuntime(node_app)
+        if node_app is not None
+        else _client(address, certificates, None, retry=False)
+    )
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value], agentapp_fab_hashes=[])
     last_task = -BUSY_WINDOW_S
-    logger.info("warm ClientApp runner polling the SuperNode at %s", address)
+    how = " (in-process)" if node_app is not None else ""
+    logger.info("warm ClientApp runner serving the SuperNode at %s%s", address, how)
     while not stop[0]:
         try:
             res = poller.AcquireTask(request)
@@ -168,7 +194,7 @@ def serve(
             time.sleep(IDLE_POLL_S)
             continue
         if res.HasField("task") and res.token:  # own thread: a stale task must not hold up the next one
-            args = (address, res.token, app, certificates)
+            args = (address, res.token, app, certificates, node_app)
             threading.Thread(target=_run_task_logged, args=args, name="clientapp-task", daemon=True).start()
             last_task = time.monotonic()
             continue

@@ -14,9 +14,8 @@ its transactions one at a time in this process (the only one that opens the data
 lock instead of sleeping in SQLite. Same data, same commits, same durability (WAL, synchronous=NORMAL).
 Every request also passes eight `BaseHTTPMiddleware` layers (each one an extra task group and stream per
 request); the four Control API layers, and the Fleet event log when no event-log plugin is loaded, do nothing
-for a Fleet request, so here they are only entered for the requests they act on. Node authentication looks
-up the node of each request's public key in the database; the answer is cached and dropped whenever a node
-is created or unregistered (revocation takes effect at once). The signature itself is verified every time.
+for a Fleet request, so here they are only entered for the requests they act on. Two LinkState
+patches live in server/superlink_state.py (node keys cached; messages handed out only once complete).
 Everything else (flags, TLS, node authentication) is Flower's own. If a Flower upgrade removes what is
 patched, the SuperLink runs stock and logs a warning.
 """
@@ -24,13 +23,14 @@ patched, the SuperLink runs stock and logs a warning.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from server.superlink_state import patch_complete_claims, patch_node_lookup
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 logger = logging.getLogger(__name__)
@@ -172,52 +172,6 @@ def patch_middleware() -> bool:
     return True
 
 
-def patch_node_lookup() -> bool:
-    """Cache each public key's node id; dropped whenever a node is created or unregistered."""
-    from flwr.server.superlink.linkstate import sql_linkstate  # noqa: PLC0415
-
-    cls = sql_linkstate.SqlLinkState
-    lookup = getattr(cls, "get_node_id_by_public_key", None)
-    create, delete = getattr(cls, "create_node", None), getattr(cls, "delete_node", None)
-    if lookup is None or create is None or delete is None:
-        logger.warning("flwr %s: node keys looked up on every request", _flwr_version())
-        return False
-    cache: dict[bytes, int] = {}
-    guard = threading.Lock()
-    epoch = [0, 0]  # [changes started, changes finished]: cache only what was read while none was running
-
-    def cached_lookup(self: Any, public_key: bytes) -> int | None:
-        with guard:
-            if public_key in cache:
-                return cache[public_key]
-            started = tuple(epoch)
-        node_id = lookup(self, public_key)
-        with guard:
-            if node_id is not None and tuple(epoch) == started and started[0] == started[1]:
-                cache[public_key] = node_id
-        return node_id
-
-    def invalidating(write: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(write)
-        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-            with guard:
-                epoch[0] += 1
-                cache.clear()
-            try:
-                return write(self, *args, **kwargs)
-            finally:
-                with guard:
-                    epoch[1] += 1
-                    cache.clear()
-
-        return wrapper
-
-    cls.get_node_id_by_public_key = cached_lookup  # type: ignore[method-assign]
-    cls.create_node = invalidating(create)  # type: ignore[method-assign]
-    cls.delete_node = invalidating(delete)  # type: ignore[method-assign]
-    return True
-
-
 def _flwr_version() -> str:
     from importlib.metadata import version  # noqa: PLC0415
 
@@ -232,6 +186,7 @@ def main() -> None:
     patch_task_sweep()
     patch_middleware()
     patch_node_lookup()
+    patch_complete_claims()
     sys.argv[0] = "flower-superlink"
     flower_superlink()
 

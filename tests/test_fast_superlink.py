@@ -10,7 +10,7 @@ from flwr.server.superlink.linkstate import sql_linkstate
 from flwr.superlink import main as superlink_main
 from flwr.superlink.config_loader import get_federation_manager, get_objectstore_linkstate_factories
 
-from server import fast_superlink
+from server import fast_superlink, superlink_state
 
 
 class _Recorder:
@@ -84,7 +84,7 @@ def linkstate(tmp_path, monkeypatch):
     cls = sql_linkstate.SqlLinkState
     for name in ("get_node_id_by_public_key", "create_node", "delete_node"):
         monkeypatch.setattr(cls, name, getattr(cls, name))
-    assert fast_superlink.patch_node_lookup()
+    assert superlink_state.patch_node_lookup()
     _, factory = get_objectstore_linkstate_factories(str(tmp_path / "state.db"), get_federation_manager())
     return factory.state()
 
