@@ -175,7 +175,9 @@ def start(  # noqa: PLR0917 - typer: one parameter per flag
     """Start the bank's node in the foreground (Ctrl-C stops it)."""
     if not data.is_file():
         raise BankSetupError(f"{data}: the bank's transactions file does not exist (--data)")
-    limits = {k: v for k, v in (("max-epsilon", max_epsilon), ("entity-budget", entity_budget)) if v}
+    limits = {
+        k: v for k, v in (("max-epsilon", max_epsilon), ("entity-budget", entity_budget)) if v is not None
+    }
     config = node_config(
         data=data, bank_id=bank_id, state=state, columns=columns, features=features, limits=limits
     )

@@ -7,8 +7,10 @@
   that pulls the message in between finds objects not yet available and retries each of them with a backoff
   (a third of a 10-bank SecAgg+ round's Fleet requests were such retries). Here a node's poll first reads
   which message it would be handed and whether every object of that message's tree is available; if not,
-  the poll answers "nothing yet" without claiming it, and the node polls again. A poll with nothing to hand
-  out no longer opens a write transaction either. The claim itself is Flower's own, unchanged.
+  the poll answers "nothing yet" without claiming it, and the node polls again. A message still incomplete
+  `HOLD_S` after it was created (the ServerApp died while pushing it) is handed out as Flower does, so it
+  cannot hold up the node's later messages. A poll with nothing to hand out no longer opens a write
+  transaction either. The claim itself is Flower's own, unchanged.
 
 If a Flower upgrade removes what is patched, the SuperLink runs stock and logs a warning.
 """
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
+HOLD_S = 30.0  # a message still incomplete this long after its creation is handed out as Flower does
 
 
 def patch_node_lookup() -> bool:
@@ -70,8 +73,8 @@ def patch_node_lookup() -> bool:
     return True
 
 
-def _next_message_id(state: Any, models: Any, node_id: int, run_id: int | None) -> str | None:
-    """The message a claim for this node would take now (read only), or None."""
+def _next_message(state: Any, models: Any, node_id: int, run_id: int | None) -> tuple[str, float] | None:
+    """The message a claim for this node would take now and its creation time (read only), or None."""
     from sqlalchemy import select  # noqa: PLC0415
 
     message = models.MessageInsModel
@@ -82,10 +85,11 @@ def _next_message_id(state: Any, models: Any, node_id: int, run_id: int | None) 
     ]
     if run_id is not None:
         conditions.append(message.run_id == models.uint64_to_int64(run_id))
-    query = select(message.message_id).where(*conditions)
+    query = select(message.message_id, message.created_at).where(*conditions)
     query = query.order_by(message.created_at.asc(), message.message_id.asc()).limit(1)
     with state.session() as session:
-        return session.scalar(query)
+        row = session.execute(query).first()
+    return (str(row[0]), float(row[1])) if row is not None else None
 
 
 def _missing_objects(store: Any, message_id: str) -> int:
@@ -116,10 +120,14 @@ def patch_complete_claims() -> bool:
     def claim_complete(self: Any, node_id: int, limit: int | None, run_id: int | None = None) -> list[Any]:
         if limit != 1:  # only the SuperNode's one-at-a-time pull is gated
             return claim(self, node_id, limit, run_id)
-        message_id = _next_message_id(self, models, node_id, run_id)
-        if message_id is None or _missing_objects(self.object_store, message_id):
+        candidate = _next_message(self, models, node_id, run_id)
+        if candidate is None:
             return []
-        return claim(self, node_id, limit, run_id)
+        message_id, created_at = candidate
+        young = models.now().timestamp() - created_at < HOLD_S
+        if young and _missing_objects(self.object_store, message_id):
+            return []
+        return claim(self, node_id, limit, run_id)  # complete, or stuck: Flower's own handling
 
     cls._claim_message_ins_rows = claim_complete  # type: ignore[method-assign]
     return True

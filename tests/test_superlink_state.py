@@ -49,13 +49,16 @@ def test_a_poll_claims_only_a_complete_message(monkeypatch):
     assert superlink_state.patch_complete_claims()
     state = type("State", (), {"object_store": object()})()
     missing = {"m1": 3}
-    monkeypatch.setattr(superlink_state, "_next_message_id", lambda st, models, node, run: next_id[0])
+    monkeypatch.setattr(superlink_state, "_next_message", lambda st, models, node, run: next_id[0])
     monkeypatch.setattr(superlink_state, "_missing_objects", lambda store, mid: missing.get(mid, 0))
     claim = cls._claim_message_ins_rows
     next_id = [None]
     assert claim(state, 5, 1) == [] and claimed == []  # nothing to hand out: no claim (no write)
-    next_id[0] = "m1"
+    now = sql_linkstate.now().timestamp()
+    next_id[0] = ("m1", now)
     assert claim(state, 5, 1) == [] and claimed == []  # its objects are still being pushed
     missing["m1"] = 0
     assert claim(state, 5, 1) == ["m"] and claimed == [5]  # complete: Flower's own claim
     assert claim(state, 6, None) == ["m"] and claimed == [5, 6]  # other callers are not gated
+    missing["m2"], next_id[0] = 3, ("m2", now - superlink_state.HOLD_S - 1)
+    assert claim(state, 7, 1) == ["m"] and claimed == [5, 6, 7]  # stuck (its pusher died): not held forever
