@@ -34,7 +34,6 @@ def release_spec(release: dict[str, Any]) -> EntityTableSpec:
         column=str(release["column"]),
         buckets=int(release["buckets"]),
         delay_days=int(release["delay"]),
-        noise_sigma=float(release.get("sigma", 0.0)),
     )
 
 

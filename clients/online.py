@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from clients.entity import EntityTableSpec, bucket_ids, fraud_rate, window_prefixes
+from clients.entity import EntityTableSpec, bucket_ids, window_prefixes
 from models.feature_names import CONSORTIUM_FEATURES, LOCAL_FEATURES, WINDOWS_DAYS
 
 logger = logging.getLogger(__name__)
@@ -148,8 +148,7 @@ class _ConsortiumLookup:
             first, last = day - delay - w + 1, day - delay
             n = self._window(self.counts, bucket, first, last)
             f = self._window(self.frauds, bucket, first, last)
-            days = min(max(last + 1, 0), self.spec.days) - min(max(first, 0), self.spec.days)
-            rates.append(float(fraud_rate(f, n, days=days, sigma=self.spec.noise_sigma)))
+            rates.append(min(max(f / n, 0.0), 1.0) if n > 0 else 0.0)
         return counts + rates
 
 

@@ -135,7 +135,6 @@ def entity_inputs(
         column=str(release["column"]),
         buckets=int(release["buckets"]),
         delay_days=int(release["delay"]),
-        noise_sigma=float(release.get("sigma", 0.0)),
     )
     return package.entity.table, spec, raw
 

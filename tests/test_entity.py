@@ -8,7 +8,6 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import average_precision_score
 
 from clients.entity import (
     CONSORTIUM_FEATURES,
@@ -16,7 +15,6 @@ from clients.entity import (
     bucket_ids,
     collision_report,
     consortium_features,
-    fraud_rate,
     local_table,
 )
 
@@ -69,9 +67,6 @@ def bucket_of(merchant, buckets=256, key=KEY):
         ({"days": 0}, "days"),
         ({"delay_days": 0}, "delay_days"),
         ({"start": "not a date"}, "start"),
-        ({"noise_sigma": -1.0}, "noise_sigma"),
-        ({"noise_sigma": math.nan}, "noise_sigma"),
-        ({"noise_sigma": math.inf}, "noise_sigma"),
     ],
 )
 def test_spec_validation(kwargs, field):
@@ -285,36 +280,3 @@ def test_window_sums_of_unclipped_noise_keep_fraud_rates_nearly_unbiased():
     unbiased = consortium_features(frame, noisy, spec, key=KEY)[rate].mean()
     biased = consortium_features(frame, per_cell, spec, key=KEY)[rate].mean()
     assert abs(unbiased - truth) < (biased - truth) / 3
-
-
-# --- noise-aware fraud rates ---------------------------------------------------------------------------
-
-
-def test_fraud_rate_of_an_exact_table_is_frauds_over_counts():
-    frauds, counts = np.array([0.0, 1.0, 3.0, 0.0]), np.array([0.0, 4.0, 3.0, 7.0])
-    np.testing.assert_array_equal(fraud_rate(frauds, counts, days=7, sigma=0.0), [0.0, 0.25, 1.0, 0.0])
-
-
-def test_fraud_rate_floors_a_noisy_count_at_three_sigmas_of_the_window():
-    floor = 3.0 * 2.0 * math.sqrt(9.0) + 1.0  # sigma 2 per day-cell, 9 days: the window's count has std 6
-    rate = fraud_rate([2.0, 2.0, -1.0, 30.0], [0.4, 100.0, 5.0, 20.0], days=[9, 9, 9, 9], sigma=2.0)
-    np.testing.assert_allclose(rate, [2.0 / floor, 0.02, 0.0, 1.0])
-    cut = fraud_rate([2.0], [0.4], days=[0], sigma=2.0)  # a window cut to nothing counts as one day
-    np.testing.assert_allclose(cut, [2.0 / 7.0])
-
-
-def test_floored_rates_rank_compromised_merchants_above_noise():
-    """Noise on small merchants' near-zero counts makes clean ones rate 1; the floor keeps the ranking."""
-    rng = np.random.default_rng(0)
-    sigma, days, clean, bad = 2.33, 7, 950, 50  # entity epsilon 3, 7-day windows, 5% compromised
-    labels = np.r_[np.zeros(clean), np.ones(bad)]
-    gains = []
-    for _ in range(20):
-        daily = np.r_[rng.choice([1.0, 2.0, 4.0, 16.0, 64.0], clean), rng.choice([1.0, 2.0, 4.0], bad)]
-        counts, frauds = daily * days, np.r_[np.zeros(clean), 0.4 * daily[clean:] * days]
-        noisy = (frauds + rng.normal(0.0, sigma * math.sqrt(days), clean + bad),)
-        noisy += (counts + rng.normal(0.0, sigma * math.sqrt(days), clean + bad),)
-        raw = fraud_rate(*noisy, days=days, sigma=0.0)
-        floored = fraud_rate(*noisy, days=days, sigma=sigma)
-        gains.append(average_precision_score(labels, floored) - average_precision_score(labels, raw))
-    assert np.mean(gains) > 0.05

@@ -85,7 +85,7 @@ def test_late_fraud_label_counts_like_a_label_in_the_history():
 
 def test_consortium_features_online_equal_the_published_table_features():
     frame = history(seed=3, days=40)
-    spec = EntityTableSpec(start="2024-03-01", days=41, buckets=256, delay_days=7, noise_sigma=0.5)
+    spec = EntityTableSpec(start="2024-03-01", days=41, buckets=256, delay_days=7)
     table = local_table(frame, spec, key=KEY) + np.random.default_rng(0).normal(0, 0.5, (2, 41, 256))
     batch = np.hstack(
         [
