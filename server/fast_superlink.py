@@ -14,10 +14,15 @@ its transactions one at a time in this process (the only one that opens the data
 lock instead of sleeping in SQLite. Same data, same commits, same durability (WAL, synchronous=NORMAL).
 Every request also passes eight `BaseHTTPMiddleware` layers (each one an extra task group and stream per
 request); the four Control API layers, and the Fleet event log when no event-log plugin is loaded, do nothing
-for a Fleet request, so here they are only entered for the requests they act on. Two LinkState
-patches live in server/superlink_state.py (node keys cached; messages handed out only once complete).
-Everything else (flags, TLS, node authentication) is Flower's own. If a Flower upgrade removes what is
-patched, the SuperLink runs stock and logs a warning.
+for a Fleet request, so here they are only entered for the requests they act on. The other patches, each
+documented in its module: server/superlink_routes.py (Fleet and Runtime protobuf requests answered by
+Flower's own steps in one thread hop, without the remaining middleware layers and FastAPI's dependency
+solver), server/superlink_state.py (node keys cached; messages handed out only once complete; idle polls
+answered without a transaction), server/superlink_runs.py (run status cached, traffic counters batched),
+server/superlink_objects.py (object-tree statements built once). Everything else (flags, TLS, node
+authentication) is Flower's own. If a Flower upgrade removes what is patched, the SuperLink runs stock and
+logs a warning. `FEDFRAUD_SUPERLINK_STOCK=name,...` leaves patches out (names in `PATCHES` and `PARTS`),
+for A/B measurements.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from server.superlink_objects import patch_object_statements
+from server.superlink_routes import direct_middleware
+from server.superlink_runs import patch_run_status_cache, patch_traffic_batching
 from server.superlink_state import patch_complete_claims, patch_node_lookup
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -147,8 +155,8 @@ GATES: dict[str, Callable[[dict], bool]] = {
 }
 
 
-def patch_middleware() -> bool:
-    """Enter the Control (and idle Fleet event-log) middlewares only where they act; False if unpatched."""
+def patch_middleware(direct: bool = True) -> bool:
+    """Gate the Control (and idle Fleet event-log) middlewares, `direct` routes first; False if unpatched."""
     from flwr.superlink import main as superlink_main  # noqa: PLC0415
     from starlette.middleware import Middleware  # noqa: PLC0415
 
@@ -166,10 +174,24 @@ def patch_middleware() -> bool:
             else:
                 gate = Middleware(_PathGate, middleware=layer.cls, applies=applies, **layer.kwargs)  # type: ignore[arg-type]
                 layers.append(gate)
-        return layers
+        return direct_middleware(layers) if direct else layers
 
     superlink_main._get_middleware = gated
     return True
+
+
+STOCK_ENV = "FEDFRAUD_SUPERLINK_STOCK"  # comma-separated patches to leave out (A/B measurements)
+PATCHES: dict[str, Callable[[], bool]] = {
+    "state": patch_state,
+    "task_sweep": patch_task_sweep,
+    "middleware": patch_middleware,  # includes "direct_routes"
+    "node_lookup": patch_node_lookup,
+    "complete_claims": patch_complete_claims,  # includes "idle_polls"
+    "run_status": patch_run_status_cache,
+    "traffic": patch_traffic_batching,
+    "object_statements": patch_object_statements,
+}
+PARTS = {"direct_routes", "idle_polls"}  # parts of "middleware" and "complete_claims" that can be left out
 
 
 def _flwr_version() -> str:
@@ -178,15 +200,28 @@ def _flwr_version() -> str:
     return version("flwr")
 
 
+def apply_patches(stock: set[str]) -> dict[str, bool]:
+    """Install every patch not named in `stock`; whether each one took (False: left stock)."""
+    if unknown := stock - set(PATCHES) - PARTS:
+        logger.warning("%s: unknown patches %s", STOCK_ENV, sorted(unknown))
+    applied = {}
+    for name, patch in PATCHES.items():
+        if name in stock:
+            applied[name] = False
+        elif name == "middleware":
+            applied[name] = patch_middleware(direct="direct_routes" not in stock)
+        elif name == "complete_claims":
+            applied[name] = patch_complete_claims(idle="idle_polls" not in stock)
+        else:
+            applied[name] = patch()
+    return applied
+
+
 def main() -> None:
     """Run `flower-superlink` with the arguments given, its SQLite state indexed."""
     from flwr.superlink.cli import flower_superlink  # noqa: PLC0415
 
-    patch_state()
-    patch_task_sweep()
-    patch_middleware()
-    patch_node_lookup()
-    patch_complete_claims()
+    apply_patches(set(os.environ.get(STOCK_ENV, "").replace(" ", "").split(",")) - {""})
     sys.argv[0] = "flower-superlink"
     flower_superlink()
 

@@ -11,6 +11,11 @@
   `HOLD_S` after it was created (the ServerApp died while pushing it) is handed out as Flower does, so it
   cannot hold up the node's later messages. A poll with nothing to hand out no longer opens a write
   transaction either. The claim itself is Flower's own, unchanged.
+- **Idle polls.** Most polls find nothing (a bank polls every few hundred ms between rounds and stages). When
+  a node's poll finds no claimable message at all, that is remembered until any row of `message_ins` is
+  written (a message stored, claimed, released or deleted: the only ways a message can become claimable) or
+  for `IDLE_TTL_S` at most, and the node's next polls answer "nothing" without a database transaction. A
+  message stored through this SuperLink is therefore handed out at the node's very next poll, as before.
 
 If a Flower upgrade removes what is patched, the SuperLink runs stock and logs a warning.
 """
@@ -23,8 +28,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from server.superlink_runs import WatchedCache, cache_of, target_table
+
 logger = logging.getLogger(__name__)
 HOLD_S = 30.0  # a message still incomplete this long after its creation is handed out as Flower does
+IDLE_TTL_S = 1.0  # a node found with nothing to claim is answered "nothing" without a read this long at most
+_IDLE = "_fedfraud_idle_nodes"
 
 
 def patch_node_lookup() -> bool:
@@ -106,22 +115,26 @@ def _missing_objects(store: Any, message_id: str) -> int:
         return int(session.scalar(missing) or 0)
 
 
-def patch_complete_claims() -> bool:
+def patch_complete_claims(idle: bool = True) -> bool:
     """Hand a node a message only once all its objects are on the SuperLink; False when unpatched."""
     from flwr.server.superlink.linkstate import sql_linkstate as models  # noqa: PLC0415
 
     cls = models.SqlLinkState
     claim: Callable[..., list[Any]] | None = getattr(cls, "_claim_message_ins_rows", None)
     needed = ("MessageInsModel", "uint64_to_int64", "now")
-    if claim is None or not all(hasattr(models, name) for name in needed):
+    if claim is None or not hasattr(cls, "get_message_ins") or not all(hasattr(models, n) for n in needed):
         logger.warning("flwr: messages handed out before their objects are all stored")
         return False
 
     def claim_complete(self: Any, node_id: int, limit: int | None, run_id: int | None = None) -> list[Any]:
         if limit != 1:  # only the SuperNode's one-at-a-time pull is gated
             return claim(self, node_id, limit, run_id)
+        marks = _idle_of(self) if idle else None
+        generation = marks.generation if marks is not None else 0
         candidate = _next_message(self, models, node_id, run_id)
         if candidate is None:
+            if marks is not None:
+                marks.put((node_id, run_id), True, generation)
             return []
         message_id, created_at = candidate
         young = models.now().timestamp() - created_at < HOLD_S
@@ -129,5 +142,31 @@ def patch_complete_claims() -> bool:
             return []
         return claim(self, node_id, limit, run_id)  # complete, or stuck: Flower's own handling
 
+    get: Callable[..., list[Any]] = cls.get_message_ins
+
+    @functools.wraps(get)
+    def get_unless_idle(
+        self: Any, node_id: int, limit: int | None, *, run_id: int | None = None
+    ) -> list[Any]:
+        idle = _idle_of(self)
+        if limit == 1 and idle is not None and idle.get((node_id, run_id)):
+            return []  # nothing for this node, and no message written since that was read
+        return get(self, node_id, limit, run_id=run_id)
+
     cls._claim_message_ins_rows = claim_complete  # type: ignore[method-assign]
+    if idle:
+        cls.get_message_ins = get_unless_idle  # type: ignore[method-assign]
     return True
+
+
+def writes_messages(statement: str, context: Any) -> bool:
+    """True when the statement may make a message claimable: any write to `message_ins`, or unknown."""
+    write = target_table(statement, context)
+    return write is not None and write[1] in (None, "message_ins")
+
+
+def _idle_of(state: Any) -> WatchedCache | None:
+    """The state's idle-node cache, or None for a state without an SQL engine."""
+    if getattr(state, "_engine", None) is None:
+        return None
+    return cache_of(state, _IDLE, lambda: WatchedCache(IDLE_TTL_S, writes_messages, "fedfraud_message_write"))

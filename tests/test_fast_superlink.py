@@ -10,7 +10,7 @@ from flwr.server.superlink.linkstate import sql_linkstate
 from flwr.superlink import main as superlink_main
 from flwr.superlink.config_loader import get_federation_manager, get_objectstore_linkstate_factories
 
-from server import fast_superlink, superlink_state
+from server import fast_superlink, superlink_routes, superlink_state
 
 
 class _Recorder:
@@ -55,6 +55,8 @@ def test_only_the_control_and_idle_event_log_layers_are_gated(monkeypatch):
     stock = [layer.cls.__name__ for layer in superlink_main._get_middleware()]
     assert fast_superlink.patch_middleware()
     layers = superlink_main._get_middleware()
+    assert layers[0].cls is superlink_routes.DirectRoutes  # the direct layer, first
+    layers = layers[1:]
     assert len(layers) == len(stock)  # same order, same count
     gated = [layer.kwargs["middleware"].__name__ for layer in layers if layer.cls is fast_superlink._PathGate]
     assert sorted(gated) == sorted(fast_superlink.GATES)
@@ -100,3 +102,21 @@ def test_a_cached_node_key_is_forgotten_when_the_node_is_unregistered(linkstate)
     other = linkstate.create_node("owner", "owner", b"another-bank-key", 10.0)
     assert linkstate.get_node_id_by_public_key(b"another-bank-key") == other
     assert linkstate.get_node_id_by_public_key(key) is None
+
+
+def test_patches_named_in_the_stock_list_are_left_out(monkeypatch):
+    calls: list = []
+    fakes = {name: (lambda name=name: calls.append(name) or True) for name in fast_superlink.PATCHES}
+    monkeypatch.setattr(fast_superlink, "PATCHES", fakes)
+    monkeypatch.setattr(
+        fast_superlink, "patch_middleware", lambda direct=True: calls.append(("middleware", direct)) or True
+    )
+    monkeypatch.setattr(
+        fast_superlink, "patch_complete_claims", lambda idle=True: calls.append(("claims", idle)) or True
+    )
+    applied = fast_superlink.apply_patches({"traffic", "direct_routes"})
+    assert applied["traffic"] is False
+    assert all(took for name, took in applied.items() if name != "traffic")
+    assert ("middleware", False) in calls and ("claims", True) in calls and "traffic" not in calls
+    calls.clear()
+    assert not any(fast_superlink.apply_patches(set(fast_superlink.PATCHES)).values()) and calls == []
