@@ -5,9 +5,12 @@ ClientApp's reply every 0.5 s, and when a message's objects are not all on the S
 is still pushing them) backs off 1 s, 2 s, 4 s... before pulling again. SecAgg+ exchanges five messages per
 round, so a round waited 10-20 s on these sleeps alone. This launcher runs the unchanged SuperNode with
 the SuperLink polled every 0.2 s while the node is busy (a message arrived in the last two minutes; the
-stock 3 s when idle), its local waits (for the reply) every 0.05 s, object pulls retried after 0.02 s
-doubling up to 0.25 s, and a 10 s heartbeat (the SuperLink's minimum; stock 30 s) so that a bank that
-crashes is seen offline in ~20 s instead of ~60 s.
+stock 3 s when idle; a pull that the SuperLink held, server/superlink_longpoll.py, counts towards that
+wait), its local waits (for the reply) every 0.05 s, object pulls retried after 0.05 s doubling up to
+0.5 s, and a 10 s heartbeat (the SuperLink's minimum; stock 30 s) so that a bank that crashes is seen
+offline in ~20 s instead of ~60 s. The signed timestamp that authenticates each Fleet request is signed
+at most once a second and sent until then (`FEDFRAUD_NODE_SIGN_REUSE_S`; Flower accepts one up to 300 s
+old), so the SuperLink verifies each signature once (server/superlink_auth.py).
 Everything else (flags, TLS, node authentication, isolation) is Flower's own. If a Flower upgrade removes
 what is patched, the node runs stock and logs a warning.
 
@@ -33,6 +36,7 @@ logger = logging.getLogger(__name__)
 BUSY_POLL_S = float(os.environ.get("FEDFRAUD_NODE_POLL_S", "0.2"))  # the SuperLink pays for every poll
 BUSY_WINDOW_S, HEARTBEAT_S = 120.0, 10
 LOCAL_WAIT_S, LOCAL_POLL_S = 0.5, 0.05
+SIGN_REUSE_S = float(os.environ.get("FEDFRAUD_NODE_SIGN_REUSE_S", "1.0"))  # 0: sign every request (stock)
 WARM_FLAG = "--warm-clientapp"
 PULL_BACKOFF: dict[str, Any] = {
     "initial_backoff": 0.05,
@@ -46,14 +50,23 @@ class _PromptTime:
 
     def __init__(self, real: ModuleType) -> None:
         self._real, self.last_message = real, -BUSY_WINDOW_S
+        self.empty_pull_s: float | None = None  # how long the last pull took, when it came back empty
 
     def sleep(self, seconds: float) -> None:
-        """Local waits (<= 0.5 s: a reply) poll every 0.05 s; SuperLink pulls every 0.2 s while busy."""
+        """Local waits (<= 0.5 s: a reply) poll every 0.05 s; SuperLink pulls every 0.2 s while busy.
+
+        After an empty pull the wait is shortened by the time the pull took: a SuperLink that held the
+        pull (long-polling) is asked again at once, and pulls still start at most every 0.2 s (busy) or
+        every `seconds` (idle, stock 3 s), as before.
+        """
         if seconds <= LOCAL_WAIT_S:
             self._real.sleep(min(seconds, LOCAL_POLL_S))
             return
+        pulled, self.empty_pull_s = self.empty_pull_s or 0.0, None
         busy = self._real.monotonic() - self.last_message < BUSY_WINDOW_S
-        self._real.sleep(min(seconds, BUSY_POLL_S) if busy else seconds)
+        wait = min(seconds, BUSY_POLL_S) if busy else seconds
+        if wait > pulled:
+            self._real.sleep(wait - pulled)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -79,7 +92,9 @@ def patch_polling(wake: threading.Event | None = None) -> bool:
     clock = _PromptTime(time)
 
     def pull_and_mark(*args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
         run_id = pull(*args, **kwargs)
+        clock.empty_pull_s = time.monotonic() - started if run_id is None else None
         if run_id is not None:
             clock.last_message = time.monotonic()
             if wake is not None:
@@ -91,6 +106,40 @@ def patch_polling(wake: threading.Event | None = None) -> bool:
     loop._pull_and_store_message = pull_and_mark
     connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S
+    return True
+
+
+def patch_signing(reuse_s: float = SIGN_REUSE_S) -> bool:
+    """Sign the Fleet timestamp at most every `reuse_s` s (this process); False when unpatched."""
+    from flwr.supernode import node_auth_http_interceptor as auth  # noqa: PLC0415
+
+    cls = getattr(auth, "NodeAuthHttpInterceptor", None)
+    needed = ("now", "sign_message", "add_headers", "b64encode", "TIMESTAMP_HEADER")
+    headers = ("FLEET_HTTP_PUBLIC_KEY_HEADER", "FLEET_HTTP_SIGNATURE_HEADER")
+    if cls is None or not all(hasattr(auth, name) for name in needed + headers):
+        logger.warning("flwr %s: every Fleet request signed anew", _flwr_version())
+        return False
+    if reuse_s <= 0:
+        return False
+    signed: dict[int, tuple[float, str, bytes]] = {}  # per interceptor: (signed at, timestamp, signature)
+
+    def intercept(self: Any, context: Any, call_next: Callable[[Any], Any]) -> Any:
+        last = signed.get(id(self))
+        if last is None or time.monotonic() - last[0] >= reuse_s:
+            timestamp = auth.now().isoformat()
+            last = (
+                time.monotonic(),
+                timestamp,
+                auth.sign_message(self._private_key, timestamp.encode("ascii")),
+            )
+            signed[id(self)] = last
+        key = auth.b64encode(self._public_key_bytes).decode("ascii")
+        fields = {auth.FLEET_HTTP_PUBLIC_KEY_HEADER: key, auth.TIMESTAMP_HEADER: last[1]}
+        fields[auth.FLEET_HTTP_SIGNATURE_HEADER] = auth.b64encode(last[2]).decode("ascii")
+        auth.add_headers(context.request, fields)
+        return call_next(context)
+
+    cls.intercept = intercept
     return True
 
 
@@ -134,6 +183,7 @@ def main() -> None:
 
     wake = threading.Event() if WARM_FLAG in sys.argv else None
     patch_polling(wake)
+    patch_signing()
     if wake is not None:
         sys.argv.remove(WARM_FLAG)
         handler = logging.StreamHandler()

@@ -3,9 +3,10 @@
 Flower 1.42's deployed Grid (`HttpGrid.send_and_receive`) sleeps 3 s between pulls of the replies, and
 when a reply's objects are not all on the SuperLink yet backs off 1, 2, 4... s before pulling them again;
 SecAgg+ exchanges five messages per round, so a round waited 7-15 s on these sleeps alone. `PromptGrid`
-delegates everything to the wrapped Grid and only re-implements `send_and_receive` with Flower's own push/pull
-calls, polling every 0.1 s; `prompt_object_pulls` makes the object retries start at 0.02 s (ServerApp process
-only). It also notes which nodes answered (and which answered with an error, e.g. the
+delegates everything to the wrapped Grid and only re-implements `send_and_receive` with Flower's own
+push/pull calls, polling every 0.1 s (at once after an empty pull that the SuperLink held:
+server/superlink_longpoll.py); `prompt_object_pulls` makes the object retries start at 0.05 s (ServerApp
+process only). It also notes which nodes answered (and which answered with an error, e.g. the
 SuperLink's "node unavailable" for a bank that went offline) so the audit log can name each round's
 participants and dropouts.
 """
@@ -32,7 +33,7 @@ PULL_BACKOFF: dict[str, Any] = {
 
 
 def prompt_object_pulls() -> bool:
-    """Retry a reply's missing objects after 0.02 s, doubling to 0.25 s (this process); False if unpatched."""
+    """Retry a reply's missing objects after 0.05 s, doubling to 0.5 s (this process); False if unpatched."""
     from flwr.superlink.grid import http_grid  # noqa: PLC0415
 
     pull = getattr(http_grid, "pull_objects", None)
@@ -93,10 +94,13 @@ class PromptGrid(Grid):
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending and (deadline is None or time.monotonic() < deadline):
+            pulled_at = time.monotonic()
             got = list(self.inner.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if pending:
+            if pending and not got:  # a pull that the SuperLink held (long-polling) counts towards the wait
+                time.sleep(max(0.0, self.poll_s - (time.monotonic() - pulled_at)))
+            elif pending:
                 time.sleep(self.poll_s)
         self._note(destinations, replies)
         return replies

@@ -17,12 +17,15 @@ request); the four Control API layers, and the Fleet event log when no event-log
 for a Fleet request, so here they are only entered for the requests they act on. The other patches, each
 documented in its module: server/superlink_routes.py (Fleet and Runtime protobuf requests answered by
 Flower's own steps in one thread hop, without the remaining middleware layers and FastAPI's dependency
-solver), server/superlink_state.py (node keys cached; messages handed out only once complete; idle polls
-answered without a transaction), server/superlink_runs.py (run status cached, traffic counters batched),
-server/superlink_objects.py (object-tree statements built once). Everything else (flags, TLS, node
-authentication) is Flower's own. If a Flower upgrade removes what is patched, the SuperLink runs stock and
-logs a warning. `FEDFRAUD_SUPERLINK_STOCK=name,...` leaves patches out (names in `PATCHES` and `PARTS`),
-for A/B measurements.
+solver; an empty SuperNode or ServerApp pull held until there is something to hand out:
+server/superlink_longpoll.py), server/superlink_state.py (node keys cached; messages handed out only once
+complete; idle polls answered without a transaction), server/superlink_runs.py (run status cached, traffic
+counters batched),
+server/superlink_objects.py (object-tree statements built once), server/superlink_tokens.py (task-token
+lookups cached while no task row is written), server/superlink_auth.py (each signed timestamp verified
+once). Everything else (flags, TLS, node authentication) is Flower's own. If a Flower upgrade removes what is
+patched, the SuperLink runs stock and logs a warning. `FEDFRAUD_SUPERLINK_STOCK=name,...` leaves patches out
+(names in `PATCHES` and `PARTS`), for A/B measurements.
 """
 
 from __future__ import annotations
@@ -35,10 +38,13 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from server import superlink_longpoll
+from server.superlink_auth import patch_signatures
 from server.superlink_objects import patch_object_statements
 from server.superlink_routes import direct_middleware
 from server.superlink_runs import patch_run_status_cache, patch_traffic_batching
 from server.superlink_state import patch_complete_claims, patch_node_lookup
+from server.superlink_tokens import patch_task_tokens
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 logger = logging.getLogger(__name__)
@@ -184,14 +190,16 @@ STOCK_ENV = "FEDFRAUD_SUPERLINK_STOCK"  # comma-separated patches to leave out (
 PATCHES: dict[str, Callable[[], bool]] = {
     "state": patch_state,
     "task_sweep": patch_task_sweep,
-    "middleware": patch_middleware,  # includes "direct_routes"
+    "middleware": patch_middleware,  # includes "direct_routes" and its "long_poll", "runtime_long_poll"
     "node_lookup": patch_node_lookup,
     "complete_claims": patch_complete_claims,  # includes "idle_polls"
     "run_status": patch_run_status_cache,
     "traffic": patch_traffic_batching,
     "object_statements": patch_object_statements,
+    "task_tokens": patch_task_tokens,
+    "signatures": patch_signatures,
 }
-PARTS = {"direct_routes", "idle_polls"}  # parts of "middleware" and "complete_claims" that can be left out
+PARTS = {"direct_routes", "long_poll", "runtime_long_poll", "idle_polls"}  # of middleware, complete_claims
 
 
 def _flwr_version() -> str:
@@ -214,6 +222,8 @@ def apply_patches(stock: set[str]) -> dict[str, bool]:
             applied[name] = patch_complete_claims(idle="idle_polls" not in stock)
         else:
             applied[name] = patch()
+    held = applied["middleware"] and "direct_routes" not in stock  # long-polling lives in the direct routes
+    superlink_longpoll.enable(held and "long_poll" not in stock, held and "runtime_long_poll" not in stock)
     return applied
 
 

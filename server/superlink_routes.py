@@ -18,6 +18,8 @@ steps in Flower's order, and passes every other request on to the unchanged stac
      version check, `get_task`'s task-token check, `get_linkstate`, ...; each call evaluated once per
      request, as FastAPI's cache does), then the handler;
   4. `ProtobufTranslationMiddleware._response_for` serializes the handler's message (status 200).
+An empty SuperNode (or ServerApp) pull may be held until there is something to hand out, step 3 run again
+then (long-polling: server/superlink_longpoll.py).
 A route is taken only if every dependency in its tree is a synchronous plain callable without path, query,
 header, cookie or body parameters (or an `APIKeyHeader`, read as its `__call__` reads it), its handler is
 synchronous and returns a protobuf message, no dependency override is set, and no extension middleware is
@@ -32,6 +34,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from server import superlink_longpoll
 
 logger = logging.getLogger(__name__)
 PREFIXES = ("/v1/fleet/", "/v1/runtime/")
@@ -222,7 +226,12 @@ async def _answer(route: FastRoute, request: Any) -> Any:
 
     Translation._check_request_media_type(request)
     request.state.protobuf_request = Translation._parse_request(await request.body(), route.request_type)
-    result = await run_in_threadpool(run_route, route, request, authenticate_node)
+
+    async def run() -> Any:
+        return await run_in_threadpool(run_route, route, request, authenticate_node)
+
+    held = superlink_longpoll.holder(route.path, request)  # an empty pull may wait for something to hand out
+    result = await (run() if held is None else held[0].answer(held[1], run, request.is_disconnected))
     if isinstance(result, Message):  # a unary answer: no stream context is used (Flower's `_response_for`)
         return Translation._response_for(result, None)  # type: ignore[arg-type]
     return Translation._response_for(result, get_protobuf_stream_context(request))

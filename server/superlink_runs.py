@@ -103,6 +103,9 @@ def target_table(statement: str, context: Any) -> tuple[str, str | None] | None:
         table = getattr(getattr(getattr(context, "compiled", None), "statement", None), "table", None)
         kind = "insert" if context.isinsert else "update" if context.isupdate else "delete"
         return kind, getattr(table, "name", None)
+    compiled = getattr(getattr(context, "compiled", None), "statement", None)
+    if getattr(compiled, "is_select", False) is True:  # a SELECT construct, CTEs included (`WITH ... SELECT`)
+        return None
     if statement.lstrip()[:6].upper().startswith(("SELECT", "PRAGMA")):
         return None
     return "unknown", None

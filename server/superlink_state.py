@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 HOLD_S = 30.0  # a message still incomplete this long after its creation is handed out as Flower does
 IDLE_TTL_S = 1.0  # a node found with nothing to claim is answered "nothing" without a read this long at most
 _IDLE = "_fedfraud_idle_nodes"
+COMPLETE_ONLY_MARK = "_fedfraud_complete_only"  # set on the installed claim (read by superlink_scan.py)
 
 
 def patch_node_lookup() -> bool:
@@ -142,6 +143,7 @@ def patch_complete_claims(idle: bool = True) -> bool:
             return []
         return claim(self, node_id, limit, run_id)  # complete, or stuck: Flower's own handling
 
+    setattr(claim_complete, COMPLETE_ONLY_MARK, True)
     get: Callable[..., list[Any]] = cls.get_message_ins
 
     @functools.wraps(get)

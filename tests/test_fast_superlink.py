@@ -10,7 +10,7 @@ from flwr.server.superlink.linkstate import sql_linkstate
 from flwr.superlink import main as superlink_main
 from flwr.superlink.config_loader import get_federation_manager, get_objectstore_linkstate_factories
 
-from server import fast_superlink, superlink_routes, superlink_state
+from server import fast_superlink, superlink_longpoll, superlink_routes, superlink_state
 
 
 class _Recorder:
@@ -114,9 +114,15 @@ def test_patches_named_in_the_stock_list_are_left_out(monkeypatch):
     monkeypatch.setattr(
         fast_superlink, "patch_complete_claims", lambda idle=True: calls.append(("claims", idle)) or True
     )
+    monkeypatch.setattr(superlink_longpoll, "enable", lambda *on: calls.append(("held", *on)) or any(on))
     applied = fast_superlink.apply_patches({"traffic", "direct_routes"})
     assert applied["traffic"] is False
     assert all(took for name, took in applied.items() if name != "traffic")
     assert ("middleware", False) in calls and ("claims", True) in calls and "traffic" not in calls
+    assert ("held", False, False) in calls  # long-polling needs the direct routes
     calls.clear()
-    assert not any(fast_superlink.apply_patches(set(fast_superlink.PATCHES)).values()) and calls == []
+    fast_superlink.apply_patches({"runtime_long_poll"})
+    assert ("middleware", True) in calls and ("held", True, False) in calls
+    calls.clear()
+    assert not any(fast_superlink.apply_patches(set(fast_superlink.PATCHES)).values())
+    assert calls == [("held", False, False)]
