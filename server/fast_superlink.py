@@ -20,12 +20,12 @@ Flower's own steps in one thread hop, without the remaining middleware layers an
 solver; an empty SuperNode or ServerApp pull held until there is something to hand out:
 server/superlink_longpoll.py), server/superlink_state.py (node keys cached; messages handed out only once
 complete; idle polls answered without a transaction), server/superlink_runs.py (run status cached, traffic
-counters batched),
-server/superlink_objects.py (object-tree statements built once), server/superlink_tokens.py (task-token
-lookups cached while no task row is written), server/superlink_auth.py (each signed timestamp verified
-once). Everything else (flags, TLS, node authentication) is Flower's own. If a Flower upgrade removes what is
-patched, the SuperLink runs stock and logs a warning. `FEDFRAUD_SUPERLINK_STOCK=name,...` leaves patches out
-(names in `PATCHES` and `PARTS`), for A/B measurements.
+counters batched), server/superlink_objects.py (object-tree statements built once),
+server/superlink_tokens.py (task-token lookups cached while no task row is written),
+server/superlink_auth.py (each signed timestamp verified once). Everything else (flags, TLS, node
+authentication) is Flower's own. If a Flower upgrade removes what is patched, the SuperLink runs stock and
+logs a warning. `FEDFRAUD_SUPERLINK_STOCK=name,...` leaves patches out (names in `PATCHES` and `PARTS`), for
+A/B measurements.
 """
 
 from __future__ import annotations
