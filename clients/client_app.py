@@ -28,6 +28,7 @@ from clients.local import evaluate_round, train_round
 from clients.mods import optional_secaggplus_mod, scrub_plaintext_mod, skip_for_stats
 from clients.node_policy import apply_bank_policy, require_secagg_mod
 from clients.sent_log import sent_log_mod
+from clients.transport import packed_transport_mod
 from models.config import FedFraudConfig, parse_config
 from models.federation import (
     BANK_STATE,
@@ -192,9 +193,16 @@ def _deployed_client(context: Context) -> Client:
     return BankClient(context, config, int(node.get("bank-id", 0)), data, ledger).to_client()
 
 
-# Deployment: the outermost mod logs each reply as it leaves the bank (clients/sent_log.py); the bank's
-# node config can forbid any reply outside SecAgg+ (clients/node_policy.py).
+# Deployment: the outermost mod restores the model arrays the server packed into one object and packs the
+# reply the same way (clients/transport.py); the next logs each reply as it leaves the bank
+# (clients/sent_log.py); the bank's node config can forbid any reply outside SecAgg+ (clients/node_policy.py).
 app = ClientApp(
     client_fn=_deployed_client,
-    mods=[sent_log_mod, scrub_plaintext_mod, require_secagg_mod, optional_secaggplus_mod],
+    mods=[
+        packed_transport_mod,
+        sent_log_mod,
+        scrub_plaintext_mod,
+        require_secagg_mod,
+        optional_secaggplus_mod,
+    ],
 )

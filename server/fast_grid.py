@@ -8,13 +8,16 @@ push/pull calls, polling every 0.1 s (at once after an empty pull that the Super
 server/superlink_longpoll.py); `prompt_object_pulls` makes the object retries start at 0.05 s (ServerApp
 process only). It also notes which nodes answered (and which answered with an error, e.g. the
 SuperLink's "node unavailable" for a bank that went offline) so the audit log can name each round's
-participants and dropouts.
+participants and dropouts. It carries each message's model arrays as one object (clients/transport.py):
+packed on push, restored on pull, so the workflows never see the packed form (`FEDFRAUD_PACK_ARRAYS=0`
+sends Flower's own layout, for A/B measurements).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -23,8 +26,11 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from clients.transport import pack_message, unpack_message
+
 logger = logging.getLogger(__name__)
 POLL_S = 0.1
+PACK_ARRAYS = os.environ.get("FEDFRAUD_PACK_ARRAYS", "1") != "0"
 PULL_BACKOFF: dict[str, Any] = {
     "initial_backoff": 0.05,
     "backoff_cap": 0.5,
@@ -44,10 +50,10 @@ def prompt_object_pulls() -> bool:
 
 
 class PromptGrid(Grid):
-    """Delegates to `inner`; polls replies every `poll_s` and records each node's answers."""
+    """Delegates to `inner`; polls replies every `poll_s`, packs model arrays, records each node's answers."""
 
-    def __init__(self, inner: Grid, *, poll_s: float = POLL_S) -> None:
-        self.inner, self.poll_s = inner, poll_s
+    def __init__(self, inner: Grid, *, poll_s: float = POLL_S, pack_arrays: bool = PACK_ARRAYS) -> None:
+        self.inner, self.poll_s, self.pack_arrays = inner, poll_s, pack_arrays
         self._lock = threading.Lock()
         self._answers: dict[int, str] = {}
         self._bank_ids: dict[int, str] = {}
@@ -76,26 +82,27 @@ class PromptGrid(Grid):
         return self.inner.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Push with the wrapped Grid."""
-        return self.inner.push_messages(messages)
+        """Push with the wrapped Grid, each message's arrays packed into one object."""
+        outgoing = [pack_message(m) for m in messages] if self.pack_arrays else list(messages)
+        return self.inner.push_messages(outgoing)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Pull with the wrapped Grid."""
-        return self.inner.pull_messages(message_ids)
+        """Pull with the wrapped Grid; packed arrays restored."""
+        return [unpack_message(m) for m in self.inner.pull_messages(message_ids)]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Push the messages, then pull their replies every `poll_s` until all arrived or `timeout` passed."""
         outgoing = list(messages)
-        ids = list(self.inner.push_messages(outgoing))
+        ids = list(self.push_messages(outgoing))
         destinations = {i: int(m.metadata.dst_node_id) for i, m in zip(ids, outgoing, strict=True)}
         pending = set(ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending and (deadline is None or time.monotonic() < deadline):
             pulled_at = time.monotonic()
-            got = list(self.inner.pull_messages(pending))
+            got = list(self.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if pending and not got:  # a pull that the SuperLink held (long-polling) counts towards the wait

@@ -52,6 +52,9 @@ class _Message:
     def has_error(self) -> bool:
         return False
 
+    def has_content(self) -> bool:
+        return False
+
 
 class _Grid:
     """Pushes one message; its first pull is held (the clock moves 0.3 s) and empty, the second answers."""
@@ -75,7 +78,7 @@ def test_the_serverapp_pulls_again_at_once_after_a_held_pull(monkeypatch):
     monkeypatch.setattr(fast_grid, "time", clock)
     inner = _Grid(clock)
     grid = PromptGrid(inner, poll_s=0.25)  # type: ignore[arg-type]
-    outgoing = type("O", (), {"metadata": type("M", (), {"dst_node_id": 5})})()
+    outgoing = _Message("")
     replies = list(grid.send_and_receive([outgoing]))  # type: ignore[list-item]
     assert len(replies) == 1 and inner.pulls == 2
     assert clock.slept == [0.0]  # the held pull took longer than the 0.25 s interval: no wait after it
