@@ -1,30 +1,19 @@
 """A bank's privacy floor in deployment: node-config limits the consortium's run config cannot lower."""
 
 import math
-import time
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from clients.node_policy import BankPolicyError, apply_bank_policy, require_secagg_mod
 from models.config import load_config
+from tests._helpers_messages import server_message
 
 
 def _message(records: dict, message_type: str = MessageType.TRAIN) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=0,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=message_type,
-    )
-    return Message(metadata=metadata, content=RecordDict(records))
+    return server_message(RecordDict(records), message_type)
 
 
 def _context(node: dict) -> Context:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from clients.transport import PACKED_KEY, pack_content, packed_transport_mod, unpack_content
 from models.array_pack import MAGIC, PackError, pack_arrays, unpack_arrays
 from server.fast_grid import PromptGrid
+from tests._helpers_messages import server_message
 
 SHAPES = [(64, 20), (64,), (64, 64), (64,), (1, 64), (1,)]
 
@@ -32,18 +32,7 @@ def _fit_content(seed: int = 0) -> RecordDict:
 
 
 def _message(content: RecordDict) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="abc",
-        src_node_id=0,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    return Message(metadata=metadata, content=content)
+    return server_message(content)
 
 
 def test_arrays_round_trip_exactly_in_order():
