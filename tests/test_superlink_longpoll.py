@@ -21,6 +21,7 @@ from sqlalchemy import text, update
 
 from server import superlink_longpoll, superlink_routes, superlink_scan, superlink_state
 from tests.test_superlink_routes import PROTOBUF, PUBLIC_BYTES, _signed
+from tests.test_superlink_state import install_complete_claims
 
 HOLD = 1.5  # long enough that a woken pull is told apart from one answered at the deadline
 
@@ -28,10 +29,7 @@ HOLD = 1.5  # long enough that a woken pull is told apart from one answered at t
 @pytest.fixture
 def link(tmp_path, monkeypatch):
     """(client, state, node id, run id, pull runs): SQLite SuperLink app, direct routes and long-polling."""
-    cls = sql_linkstate.SqlLinkState
-    for name in ("get_message_ins", "_claim_message_ins_rows"):
-        monkeypatch.setattr(cls, name, getattr(cls, name))
-    assert superlink_state.patch_complete_claims()
+    install_complete_claims(monkeypatch)
     monkeypatch.setenv("FLWR_DATABASE", str(tmp_path / "state.db"))
     monkeypatch.setattr(superlink_longpoll, "HOLD_S", HOLD)
     assert superlink_longpoll.enable()

@@ -66,13 +66,18 @@ def test_a_poll_claims_only_a_complete_message(monkeypatch):
     assert claim(state, 7, 1) == ["m"] and claimed == [5, 6, 7]  # stuck (its pusher died): not held forever
 
 
-@pytest.fixture
-def linkstate(tmp_path, monkeypatch):
-    """A real SQLite LinkState with the complete-only claims and idle polls installed (undone afterwards)."""
+def install_complete_claims(monkeypatch) -> None:
+    """Install the complete-only claims and idle polls on SqlLinkState; monkeypatch undoes them afterwards."""
     cls = sql_linkstate.SqlLinkState
     for name in ("get_message_ins", "_claim_message_ins_rows"):
         monkeypatch.setattr(cls, name, getattr(cls, name))
     assert superlink_state.patch_complete_claims()
+
+
+@pytest.fixture
+def linkstate(tmp_path, monkeypatch):
+    """A real SQLite LinkState with the complete-only claims and idle polls installed (undone afterwards)."""
+    install_complete_claims(monkeypatch)
     _, factory = get_objectstore_linkstate_factories(str(tmp_path / "state.db"), get_federation_manager())
     return factory.state()
 
