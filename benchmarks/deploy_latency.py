@@ -7,6 +7,7 @@ time inside the ClientApp, the slowest bank) and the difference: what the deploy
 
     .venv/bin/python benchmarks/deploy_latency.py --banks 10 --rounds 3
     .venv/bin/python benchmarks/deploy_latency.py --banks 10 --rounds 2 --mode subprocess
+    .venv/bin/python benchmarks/deploy_latency.py --banks 10 --rounds 6 --run-config evaluate-in-fit=false
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def _t(record: dict) -> float:
     return dt.datetime.fromisoformat(record["time"]).timestamp()
 
 
-def measure(consortium: Consortium, mode: str, banks: list[str], rounds: int) -> list[dict]:
+def measure(
+    consortium: Consortium, mode: str, banks: list[str], rounds: int, run_config: str = ""
+) -> list[dict]:
     """Run `rounds` rounds with the banks in `mode`; per-round wall, compute and overhead seconds."""
     since = len(consortium.audit())
     extra = ("--mode", mode)
@@ -68,7 +71,8 @@ def measure(consortium: Consortium, mode: str, banks: list[str], rounds: int) ->
     try:
         consortium.wait_online(banks, timeout=600)
         started = time.perf_counter()
-        run = consortium.run(mode, rounds=rounds, run_config=f"min-fit-banks={len(banks)}")
+        keys = f"min-fit-banks={len(banks)} {run_config}".strip()
+        run = consortium.run(mode, rounds=rounds, run_config=keys)
         cpu = _cpu_during_last_rounds(consortium, since, rounds)
         code = run.wait(timeout=7200)
         total = time.perf_counter() - started
@@ -127,6 +131,7 @@ def main() -> None:
     parser.add_argument("--mode", action="append", choices=["warm", "subprocess"], help="default: warm")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     parser.add_argument("--in-memory", action="store_true", help="SuperLink without its database")
+    parser.add_argument("--run-config", default="", help="more run-config keys, e.g. 'evaluate-in-fit=false'")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="deploy-latency-"))
     gen = GeneratorConfig(banks=args.banks, cards=120 * args.banks, merchants=150, days=30, seed=0)
@@ -140,7 +145,7 @@ def main() -> None:
             consortium.register(name)
         summary = {}
         for mode in args.mode or ["warm"]:
-            rows = measure(consortium, mode, names, args.rounds)
+            rows = measure(consortium, mode, names, args.rounds, args.run_config)
             steady = [r for r in rows if r["round"] >= 2] or rows  # round 1 loads the data (warm mode)
             summary[mode] = (
                 statistics.median(r["wall"] for r in steady),

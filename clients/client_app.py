@@ -34,7 +34,9 @@ from models.federation import (
     BANK_STATE,
     ENTITY_RELEASE,
     ENTITY_TABLE,
+    EVAL_PREFIX,
     KEY_ENTITY,
+    KEY_EVALUATE,
     KEY_PROXIMAL_MU,
     KEY_PUBLISHED,
     KEY_ROUND,
@@ -107,6 +109,7 @@ class BankClient(NumPyClient):
                 entity_round.confirm(self.context.state, self.ledger_file, str(config[KEY_PUBLISHED]))
             return [np.zeros(1)], 0, {}
         spec = FeatureSpec.from_json(str(config[KEY_SPEC]))
+        scored = self._score_previous(parameters, spec) if config.get(KEY_EVALUATE) else {}
         outcome = train_round(
             self.data,
             parameters,
@@ -121,16 +124,29 @@ class BankClient(NumPyClient):
             self.context.state.config_records[BANK_STATE] = ConfigRecord(outcome.state)
             if self.ledger_file is not None:
                 self.ledger_file.save(outcome.state, declined=outcome.weights is None)
+        report = {**scored, **self._privacy_report()}
         if outcome.weights is None:
-            return parameters, 0, {}
-        return outcome.weights, outcome.examples, {}
+            return parameters, 0, report
+        return outcome.weights, outcome.examples, report
 
     def evaluate(self, parameters: NDArrays, config: Mapping[str, Any]) -> tuple[float, int, dict[str, Any]]:
         """Score the global model on this bank's test window; report its metrics and epsilon spent."""
         spec = FeatureSpec.from_json(str(config[KEY_SPEC]))
         loss, metrics = evaluate_round(self.data, parameters, spec, self.config)
+        loss = float(loss) if np.isfinite(loss) else 0.0
+        return loss, len(self.data.y_test), {**metrics, **self._privacy_report()}
+
+    def _score_previous(self, parameters: NDArrays, spec: FeatureSpec) -> dict[str, Any]:
+        """The incoming global model (the previous round's) scored as `evaluate` would, keys prefixed."""
+        loss, metrics = evaluate_round(self.data, parameters, spec, self.config)
+        loss = float(loss) if np.isfinite(loss) else 0.0
+        metrics = {**metrics, "loss": loss, "examples": len(self.data.y_test)}
+        return {f"{EVAL_PREFIX}{k}": v for k, v in metrics.items()}
+
+    def _privacy_report(self) -> dict[str, Any]:
+        """The bank's id and privacy spent so far (`REPORT_KEYS`), sent in the clear with each reply."""
         ledger = self._ledger() or {}
-        extra = {
+        return {
             "bank": self.bank,
             "epsilon": float(ledger.get("dp-epsilon-spent", 0.0)),
             "dp-steps": int(sum(ledger.get("dp-history-steps", []) or [0])),
@@ -138,7 +154,6 @@ class BankClient(NumPyClient):
                 self.context.state, self.ledger_file, delta=self.config.entity.entity_delta
             ),
         }
-        return float(loss) if np.isfinite(loss) else 0.0, len(self.data.y_test), {**metrics, **extra}
 
 
 def _client_mods(config: FedFraudConfig) -> list[Any]:

@@ -9,7 +9,7 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from models.federation import TASK, TASK_TRAIN
+from models.federation import EVAL_PREFIX, REPORT_KEYS, TASK, TASK_TRAIN
 
 CallNext = Callable[[Message, Context], Message]
 Mod = Callable[[Message, Context, CallNext], Message]
@@ -20,13 +20,19 @@ def _is_secagg(msg: Message) -> bool:
 
 
 def scrub_plaintext_mod(msg: Message, ctxt: Context, call_next: CallNext) -> Message:
-    """Outermost: SecAgg+ masks the update and its weight but leaves num_examples and fit metrics in clear."""
+    """Outermost: SecAgg+ masks the update and its weight but leaves num_examples and fit metrics in clear.
+
+    num_examples becomes 1; of the fit metrics only the bank's privacy report (`REPORT_KEYS`) and its score
+    of the previous global model (`eval-*`, what an evaluation reply carries) are kept.
+    """
     out = call_next(msg, ctxt)
     if msg.metadata.message_type != MessageType.TRAIN or out.has_error() or not _is_secagg(msg):
         return out
     if "fitres.num_examples" in out.content.metric_records:
         out.content.metric_records["fitres.num_examples"] = MetricRecord({"num_examples": 1})
-        out.content.config_records["fitres.metrics"] = ConfigRecord({})
+        metrics = out.content.config_records.get("fitres.metrics") or ConfigRecord({})
+        kept = {k: v for k, v in metrics.items() if k in REPORT_KEYS or k.startswith(EVAL_PREFIX)}
+        out.content.config_records["fitres.metrics"] = ConfigRecord(kept)
     return out
 
 

@@ -73,6 +73,7 @@ class FederationConfig:
     checkpoint_dir: str
     data_dir: str
     audit_log: str = ""
+    evaluate_in_fit: bool = True
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ def _federation(raw: Mapping[str, Any]) -> FederationConfig:
         checkpoint_dir=checked(raw, "checkpoint-dir", str, lambda v: True, "a directory path (or empty)"),
         data_dir=checked(raw, "data-dir", str, lambda v: True, "a directory path (or empty)"),
         audit_log=checked(raw, "audit-log", str, lambda v: True, "a file path (or empty)"),
+        evaluate_in_fit=checked(raw, "evaluate-in-fit", bool, lambda v: True, "true or false"),
     )
 
 

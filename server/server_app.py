@@ -130,7 +130,12 @@ def initial_weights(config: FedFraudConfig, n_features: int, fraud_rate: float) 
 
 
 class RoundRecorder:
-    """Merges fit and evaluate records per round; checkpoints when a round is complete."""
+    """Merges a round's records (fit, the banks' reports, evaluation); checkpoints when the round closes.
+
+    The fit carries each bank's privacy report, so a round closes (ledger, audit, checkpoint) right after
+    its aggregate; evaluation metrics join the round's record when they arrive: with the next round's fit
+    (`evaluate-in-fit`) or from an evaluation round.
+    """
 
     def __init__(self, settings: ServerSettings, spec_json: str, start: Checkpoint | None) -> None:
         self.settings, self.spec_json = settings, spec_json
@@ -145,7 +150,7 @@ class RoundRecorder:
         settings.sink.setdefault("rounds", {}).update({int(h["round"]): h for h in self.history})
 
     def __call__(self, round_no: int, info: dict[str, Any]) -> None:
-        """Record a fit or evaluate result of a round."""
+        """Record a fit result, a bank's report, an evaluation or the close of a round."""
         record = self.settings.sink.setdefault("rounds", {}).setdefault(round_no, {"round": round_no})
         if "weights" in info:
             self.weights = [np.asarray(w) for w in info["weights"]]
@@ -153,20 +158,31 @@ class RoundRecorder:
             self.settings.sink.setdefault("round_weights", {})[round_no] = self.weights
             self.tail.add(round_no, self.weights)
             self.settings.sink["served_weights"] = self.tail.value(self.weights)
-        record.update({k: v for k, v in info.items() if k != "weights"})
-        if "banks" in info:
-            self.ledger.update({b: float(m.get("epsilon", 0.0)) for b, m in info["banks"].items()})
-            record["ledger"] = dict(self.ledger)
-            self.history.append({k: v for k, v in record.items() if k != "weights"})
-            if self.settings.audit is not None:
-                self.settings.audit.round(round_no, record, self.weights)
-            self._checkpoint(round_no)
-            if self.settings.on_progress is not None:
-                self.settings.on_progress(
-                    f"federated round {round_no}/{self.settings.config.federation.rounds}"
-                )
+        banks = record.setdefault("banks", {})
+        for bank, metrics in info.get("banks", {}).items():
+            banks[bank] = {**banks.get(bank, {}), **metrics}
+        record.update({k: v for k, v in info.items() if k not in ("weights", "banks", "closed")})
+        if info.get("closed"):
+            self._close(round_no, record)
+        elif "banks" in info and any(h["round"] == round_no for h in self.history):
+            self._evaluated(round_no, record)
 
-    def _checkpoint(self, round_no: int) -> None:
+    def _close(self, round_no: int, record: dict[str, Any]) -> None:
+        self.ledger.update({b: float(m["epsilon"]) for b, m in record["banks"].items() if "epsilon" in m})
+        record["ledger"] = dict(self.ledger)
+        self.history.append(record)
+        if self.settings.audit is not None:
+            self.settings.audit.round(round_no, record, self.weights)
+        self._checkpoint(round_no)
+        if self.settings.on_progress is not None:
+            self.settings.on_progress(f"federated round {round_no}/{self.settings.config.federation.rounds}")
+
+    def _evaluated(self, round_no: int, record: dict[str, Any]) -> None:
+        """Metrics of a closed round arrived; the last round's are saved at once (no next checkpoint)."""
+        if round_no == self.settings.config.federation.rounds:
+            self._checkpoint(round_no, audit=False)
+
+    def _checkpoint(self, round_no: int, *, audit: bool = True) -> None:
         if self.settings.checkpoint_dir is None:
             return
         inner = getattr(self.strategy, "strategy", self.strategy)
@@ -184,7 +200,7 @@ class RoundRecorder:
                 tail_count=self.tail.count,
             ),
         )
-        if self.settings.audit is not None:
+        if audit and self.settings.audit is not None:
             self.settings.audit.checkpoint(round_no, path)
 
 

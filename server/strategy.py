@@ -32,7 +32,17 @@ from flwr.server.strategy import (
 )
 
 from models.config import FedFraudConfig
-from models.federation import CLIPPING_RANGE, KEY_ROUND, KEY_SPEC, TASK, TASK_PUBLISH, TASK_TRAIN
+from models.federation import (
+    CLIPPING_RANGE,
+    EVAL_PREFIX,
+    KEY_EVALUATE,
+    KEY_ROUND,
+    KEY_SPEC,
+    REPORT_KEYS,
+    TASK,
+    TASK_PUBLISH,
+    TASK_TRAIN,
+)
 
 logger = logging.getLogger(__name__)
 RoundHook = Callable[[int, dict[str, Any]], None]
@@ -56,6 +66,8 @@ class GuardedMixin:
 
     on_round: RoundHook
     round_offset: int
+    last_round: int
+    evaluate_in_fit: bool
     current: list[np.ndarray]
     _started: float
 
@@ -72,6 +84,7 @@ class GuardedMixin:
         """Aggregate (under SecAgg+ every result already carries the masked mean) and guard the result."""
         round_no = server_round + self.round_offset
         info: dict[str, Any] = {"round": round_no, "results": len(results), "failures": len(failures)}
+        info.update(self._reports(round_no, results))
         if not results:
             info["discarded"] = "no results (SecAgg+ threshold not met or every bank failed)"
             self.on_round(round_no, info)
@@ -91,6 +104,29 @@ class GuardedMixin:
         info["seconds"] = round(time.perf_counter() - self._started, 3)
         self.on_round(round_no, {**info, "weights": self.current})
         return params, metrics
+
+    def _reports(self, round_no: int, results: list[tuple[ClientProxy, FitRes]]) -> dict[str, Any]:
+        """Each bank's privacy report (`REPORT_KEYS`); its score of the previous model goes to that round."""
+        privacy, scored = {}, {}
+        for _, res in results:
+            bank = str(int(res.metrics.get("bank", -1)))
+            privacy[bank] = {k: res.metrics[k] for k in REPORT_KEYS if k in res.metrics}
+            prev = {k[len(EVAL_PREFIX) :]: v for k, v in res.metrics.items() if k.startswith(EVAL_PREFIX)}
+            if prev:
+                scored[bank] = {**prev, "bank": privacy[bank].get("bank", -1)}
+        if scored and round_no > 1:
+            self.on_round(round_no - 1, {"banks": scored, "evaluate_failures": 0})
+        return {"banks": privacy} if privacy else {}
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Close the round's record; evaluate only the last round when the banks score in the next fit."""
+        round_no = server_round + self.round_offset
+        self.on_round(round_no, {"closed": True})
+        if self.evaluate_in_fit and round_no < self.last_round:
+            return []
+        return super().configure_evaluate(server_round, parameters, client_manager)  # type: ignore[misc]
 
     def aggregate_evaluate(
         self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list[Any]
@@ -120,7 +156,11 @@ def build_strategy(
     per_round = max(1, round(fed.fraction_fit * n_banks))
 
     def fit_config(server_round: int) -> dict[str, Scalar]:
-        return {TASK: TASK_TRAIN, KEY_ROUND: server_round + round_offset, KEY_SPEC: spec_json}
+        config: dict[str, Scalar] = {TASK: TASK_TRAIN, KEY_ROUND: server_round + round_offset}
+        config[KEY_SPEC] = spec_json
+        if fed.evaluate_in_fit and server_round > 1:  # the incoming model is the previous round's aggregate
+            config[KEY_EVALUATE] = True
+        return config
 
     kwargs: dict[str, Any] = {
         "fraction_fit": fed.fraction_fit,
@@ -140,6 +180,7 @@ def build_strategy(
         kwargs.update(eta=fed.server_lr, eta_l=config.train.lr)
     strategy = cls(**kwargs)
     strategy.on_round, strategy.round_offset, strategy.current = on_round, round_offset, list(initial)
+    strategy.last_round, strategy.evaluate_in_fit = fed.rounds, fed.evaluate_in_fit
     return strategy
 
 
@@ -153,12 +194,19 @@ class RecordedClientSideDP(DifferentialPrivacyClientSideFixedClipping):
         inner: Any = self.strategy  # a GuardedMixin strategy
         hook = inner.on_round
         held: dict[str, Any] = {}
-        inner.on_round = lambda round_no, info: held.update(info=info)
+        round_no = server_round + inner.round_offset
+
+        def hold(number: int, info: dict[str, Any]) -> None:  # this round's report waits for the noise
+            if number == round_no:
+                held.update(info=info)
+            else:
+                hook(number, info)
+
+        inner.on_round = hold
         try:
             params, metrics = super().aggregate_fit(server_round, results, failures)
         finally:
             inner.on_round = hook
-        round_no = server_round + inner.round_offset
         info = dict(held.get("info") or {"round": round_no, "results": len(results)})
         info["failures"] = len(failures)
         if params is None:

@@ -1,5 +1,6 @@
 """Real Flower simulations (Ray) of the ServerApp and ClientApp on a tiny consortium."""
 
+import itertools
 import json
 import math
 
@@ -154,3 +155,32 @@ def test_client_level_dp_warns_with_few_banks_and_completes(consortium, caplog):
         result = run_federated(data, config)
     assert any("usually ruins the model" in r.getMessage() for r in caplog.records)
     assert result.details["rounds"][0]["round"] == 1
+
+
+def test_banks_score_each_model_with_the_next_fit_as_an_evaluation_round_would(consortium, monkeypatch):
+    evaluated = []  # per round: how many banks the server asked for an evaluation round
+    original = strategy_module.GuardedMixin.configure_evaluate
+
+    def recording(self, server_round, parameters, client_manager):
+        pairs = original(self, server_round, parameters, client_manager)
+        evaluated.append(len(pairs))
+        return pairs
+
+    monkeypatch.setattr(strategy_module.GuardedMixin, "configure_evaluate", recording)
+    records = {}  # without DP noise both runs train the very same models
+    for in_fit in (True, False):
+        data, config = _prepared(consortium, rounds=3, dp=False, secagg=True, **{"evaluate-in-fit": in_fit})
+        records[in_fit] = run_federated(data, config).details["rounds"]
+    assert evaluated == [0, 0, 4, 4, 4, 4]  # in the fit: only the last round has its own evaluation
+    for piggybacked, separate in zip(records[True], records[False], strict=True):
+        assert set(piggybacked["banks"]) == set(separate["banks"]) == {"0", "1", "2", "3"}
+        for bank, metrics in separate["banks"].items():
+            assert set(metrics) == set(piggybacked["banks"][bank])  # ap, loss, ..., epsilon, entity-epsilon
+            ours = piggybacked["banks"][bank]  # the same model up to SecAgg+'s stochastic rounding:
+            assert ours["examples"] == metrics["examples"]  # ~1e-8 in the loss, a near-tie in a ranking
+            assert ours["loss"] == pytest.approx(metrics["loss"], rel=1e-3)
+            for key in {"ap", "roc_auc"} & set(metrics):
+                assert ours[key] == pytest.approx(metrics[key], abs=2e-3)
+        assert piggybacked["ledger"] == separate["ledger"] == {b: 0.0 for b in ("0", "1", "2", "3")}
+    losses = [r["banks"]["0"]["loss"] for r in records[True]]
+    assert min(abs(a - b) / b for a, b in itertools.pairwise(losses)) > 1e-3  # each round: its own model

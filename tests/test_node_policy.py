@@ -80,3 +80,26 @@ def test_fedfraud_bank_start_limits_reach_the_policy(tmp_path):
     with pytest.raises(BankPolicyError, match="max-epsilon"):
         apply_bank_policy(load_config({"dp-epsilon": 3.0}), node)
     assert apply_bank_policy(load_config({"dp-epsilon": 2.0}), node).entity.entity_bank_epsilon == 6.0
+
+
+def test_a_masked_training_reply_keeps_only_the_privacy_report_and_the_score_in_clear():
+    from flwr.app import MetricRecord  # noqa: PLC0415
+
+    from clients.mods import scrub_plaintext_mod  # noqa: PLC0415
+
+    msg = _message({RECORD_KEY_CONFIGS: ConfigRecord({"stage": "collect_masked_vectors"})})
+    metrics = {"bank": 3, "epsilon": 1.5, "entity-epsilon": 3.0, "eval-ap": 0.4, "rows": 123, "secret": "x"}
+    reply_content = RecordDict(
+        {
+            "fitres.num_examples": MetricRecord({"num_examples": 5_000}),
+            "fitres.metrics": ConfigRecord(metrics),
+        }
+    )
+    out = scrub_plaintext_mod(msg, _context({}), lambda m, c: Message(reply_content, reply_to=m))
+    assert out.content.metric_records["fitres.num_examples"]["num_examples"] == 1
+    assert dict(out.content.config_records["fitres.metrics"]) == {
+        "bank": 3,
+        "epsilon": 1.5,
+        "entity-epsilon": 3.0,
+        "eval-ap": 0.4,
+    }
