@@ -17,7 +17,13 @@ from clients.ledger import BankLedger
 from clients.release_ledger import ReleaseEntry
 from models.feature_names import CONSORTIUM_FEATURES
 from models.federation import CLIPPING_RANGE, ENTITY_LEDGER
-from models.release_noise import calibrate_release, noise_share
+from models.release_noise import (
+    LAYOUT_COUNTS,
+    calibrate_release,
+    layout_sensitivity,
+    noise_share,
+    to_wire_layout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +49,16 @@ def table_share(data: BankData, release_json: str) -> np.ndarray:
         raise EntityReleaseError("entity features need a transactions file (not a feature table)")
     release = json.loads(release_json)
     spec = release_spec(release)
+    layout = str(release.get("layout", LAYOUT_COUNTS))
     table = local_table(data.frame, spec, key=bytes.fromhex(release["key"]))
-    noise = calibrate_release(epsilon=float(release["epsilon"]), delta=float(release["delta"]))
-    noisy = table + noise_share(table.shape, noise=noise, n_banks=int(release["banks"]))
+    noise = calibrate_release(
+        epsilon=float(release["epsilon"]),
+        delta=float(release["delta"]),
+        sensitivity=layout_sensitivity(layout),  # the bank's own bound, not the server's word
+    )
+    noisy = to_wire_layout(table, layout) + noise_share(
+        table.shape, noise=noise, n_banks=int(release["banks"])
+    )
     encoded = noisy / float(release["scale"])
     if not np.isfinite(encoded).all() or np.abs(encoded).max(initial=0.0) > CLIPPING_RANGE:
         raise EntityReleaseError(

@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from models.release_noise import composed_epsilon
+from models.release_noise import LAYOUT_COUNTS, composed_epsilon, layout_sensitivity
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class ReleaseEntry:
     @classmethod
     def announced(cls, release: dict[str, Any]) -> ReleaseEntry:
         """The entry for a release announced by the server (before the bank sends its share)."""
-        sigma, sensitivity = float(release["sigma"]), float(release.get("sensitivity", math.sqrt(2.0)))
+        sigma = float(release["sigma"])
+        sensitivity = layout_sensitivity(str(release.get("layout", LAYOUT_COUNTS)))  # as the bank encodes
         return cls(
             release_id=str(release["id"]),
             column=str(release["column"]),

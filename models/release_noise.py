@@ -3,6 +3,12 @@
 Each bank adds its share N(0, sigma^2 / n_banks) to every cell before SecAgg+ masking, so the masked sum of
 all shares carries N(0, sigma^2) and no party (server or bank) ever sees un-noised totals.
 
+Layout: a release is (2, days, buckets). On the wire (`LAYOUT_DISJOINT`) row 0 counts the transactions not
+labelled fraud and row 1 the labelled frauds, so one transaction moves exactly one cell by 1: L2 sensitivity
+1. The server publishes row 0 as all transactions (row 0 + row 1, post-processing), the table every consumer
+reads. The older layout (all transactions, frauds) needs sensitivity sqrt(2) for the same epsilon: a fraud
+moves both rows.
+
 Calibration (no home-made accountant): sigma = sensitivity * z, where z comes from
 `opacus.accountants.utils.get_noise_multiplier(..., sample_rate=1.0, steps=1, accountant="rdp")`. With
 q = 1 Opacus' `_compute_rdp` returns the exact Renyi DP of the plain Gaussian mechanism, alpha / (2 z^2),
@@ -32,6 +38,10 @@ from opacus.accountants.utils import get_noise_multiplier
 
 logger = logging.getLogger(__name__)
 
+LAYOUT_DISJOINT = "disjoint"
+"""Release layout on the wire: [0] transactions not labelled fraud, [1] labelled frauds (sensitivity 1)."""
+LAYOUT_COUNTS = "counts"
+"""The published (and older wire) layout: [0] all transactions, [1] labelled frauds (sensitivity sqrt 2)."""
 DEFAULT_CLIP_SIGMAS = 12.0
 """Each noise share is truncated at this many share standard deviations (see module docstring)."""
 
@@ -59,8 +69,33 @@ def _rdp_epsilon(noise_multiplier: float, delta: float) -> float:
         return float(accountant.get_epsilon(delta=delta))
 
 
-def calibrate_release(*, epsilon: float, delta: float, sensitivity: float = math.sqrt(2.0)) -> ReleaseNoise:
-    """Noise for one release; a transaction moves one count and one fraud count by <= 1 (L2 sens. √2)."""
+def layout_sensitivity(layout: str) -> float:
+    """L2 sensitivity of a release in this wire layout to adding or removing one transaction."""
+    if layout == LAYOUT_DISJOINT:
+        return 1.0
+    if layout == LAYOUT_COUNTS:
+        return math.sqrt(2.0)
+    raise ValueError(f"unknown entity release layout {layout!r} (known: {LAYOUT_DISJOINT}, {LAYOUT_COUNTS})")
+
+
+def to_wire_layout(table: np.ndarray, layout: str) -> np.ndarray:
+    """A bank's (counts, frauds) table in the release's wire layout."""
+    out = np.array(table, dtype=np.float64)
+    if layout_sensitivity(layout) == 1.0:
+        out[0] -= out[1]
+    return out
+
+
+def from_wire_layout(table: np.ndarray, layout: str) -> np.ndarray:
+    """The decoded sum back in the published (counts, frauds) layout (post-processing, no privacy cost)."""
+    out = np.array(table, dtype=np.float64)
+    if layout_sensitivity(layout) == 1.0:
+        out[0] += out[1]
+    return out
+
+
+def calibrate_release(*, epsilon: float, delta: float, sensitivity: float = 1.0) -> ReleaseNoise:
+    """Noise for one release of L2 `sensitivity` (`layout_sensitivity`: 1 for the disjoint layout)."""
     if math.isnan(epsilon) or epsilon <= 0.0:
         raise ValueError(f"epsilon must be > 0 (math.inf disables noise), got {epsilon!r}")
     _check_delta(delta)

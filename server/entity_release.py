@@ -20,7 +20,15 @@ from flwr.serverapp import Grid
 
 from models.feature_names import CONSORTIUM_VERSION
 from models.federation import KEY_ENTITY, KEY_PUBLISHED, TASK, TASK_ENTITY, TASK_PUBLISH
-from models.release_noise import achieved_epsilon, calibrate_release, check_table, share_bound
+from models.release_noise import (
+    LAYOUT_DISJOINT,
+    achieved_epsilon,
+    calibrate_release,
+    check_table,
+    from_wire_layout,
+    layout_sensitivity,
+    share_bound,
+)
 from server.exact_sum import plan_exact_sum
 from server.rounds import run_round
 from server.secagg import choose_secagg
@@ -50,7 +58,8 @@ def announce(settings: Any) -> dict[str, Any]:
         raise EntityReleaseError(
             "config keys 'entity-start' and 'entity-days' are needed for entity features"
         )
-    noise = calibrate_release(epsilon=cfg.entity_epsilon, delta=cfg.entity_delta)
+    sensitivity = layout_sensitivity(LAYOUT_DISJOINT)
+    noise = calibrate_release(epsilon=cfg.entity_epsilon, delta=cfg.entity_delta, sensitivity=sensitivity)
     plan = plan_exact_sum(n_banks=n, max_value=MAX_CELL_COUNT + share_bound(noise, n_banks=n))
     return {
         "id": secrets.token_hex(8),
@@ -67,6 +76,7 @@ def announce(settings: Any) -> dict[str, Any]:
         "max_value": plan.max_value,
         "sigma": noise.sigma,
         "sensitivity": noise.sensitivity,
+        "layout": LAYOUT_DISJOINT,
         "_plan": plan,
         "_noise": noise,
     }
@@ -95,7 +105,8 @@ def entity_round(grid: Grid, context: Context, settings: Any) -> None:
     total = plan.decode(
         settings.sink["entity_mean"], contributing=contributing, integers=math.isinf(release["epsilon"])
     )
-    total = total.reshape(2, int(release["days"]), int(release["buckets"]))
+    shape = (2, int(release["days"]), int(release["buckets"]))
+    total = from_wire_layout(total.reshape(shape), release["layout"])
     table = check_table(total)
     epsilon = achieved_epsilon(noise, contributing=contributing, n_banks=settings.n_banks)
     version = table_version(public, table)

@@ -24,7 +24,7 @@ from clients.bank import BankData
 from clients.entity_round import table_share, with_consortium
 from models.config import FedFraudConfig
 from models.federation import CLIPPING_RANGE, STATS_CLIP
-from models.release_noise import achieved_epsilon, check_table
+from models.release_noise import achieved_epsilon, check_table, from_wire_layout
 from models.spec import FeatureSpec, FeatureStats
 from server.entity_release import announce, table_version
 from server.secagg import SecAggParams, choose_secagg
@@ -170,7 +170,9 @@ def entity_release(banks: list[BankData], settings: Any, sink: dict[str, Any]) -
     for bank in banks:  # one bank at a time: a table is days x buckets x 2 cells
         summer.add(torch.from_numpy(table_share(bank, public)).unsqueeze(0), torch.ones(1))
     total = plan.decode(summer.mean(), contributing=summer.results, integers=math.isinf(release["epsilon"]))
-    table = check_table(total.reshape(2, int(release["days"]), int(release["buckets"])))
+    shape = (2, int(release["days"]), int(release["buckets"]))
+    total = from_wire_layout(total.reshape(shape), release["layout"])
+    table = check_table(total)
     epsilon = achieved_epsilon(noise, contributing=summer.results, n_banks=len(banks))
     sink.update(
         entity_table=table,

@@ -37,6 +37,7 @@ def _release(frame: pd.DataFrame, *, epsilon: float, banks: int = 3) -> dict:
         "max_value": plan.max_value,
         "sigma": noise.sigma,
         "sensitivity": noise.sensitivity,
+        "layout": "disjoint",
     }, plan
 
 

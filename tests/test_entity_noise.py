@@ -9,13 +9,19 @@ from flwr.server.strategy.aggregate import aggregate
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from clients.entity import EntityTableSpec, local_table
 from models.release_noise import (
+    LAYOUT_COUNTS,
+    LAYOUT_DISJOINT,
     ReleaseNoise,
     achieved_epsilon,
     calibrate_release,
     check_table,
+    from_wire_layout,
+    layout_sensitivity,
     noise_share,
     share_bound,
+    to_wire_layout,
 )
 from server.exact_sum import ExactSumPlan, plan_exact_sum
 from server.secagg import SecAggConfigError
@@ -25,12 +31,14 @@ DELTA = 1e-6
 
 @pytest.mark.filterwarnings("ignore:Optimal order")
 def test_calibrate_matches_independent_opacus_computation():
-    noise = calibrate_release(epsilon=3.0, delta=DELTA)
+    noise = calibrate_release(epsilon=3.0, delta=DELTA, sensitivity=math.sqrt(2.0))
     z = get_noise_multiplier(
         target_epsilon=3.0, target_delta=DELTA, sample_rate=1.0, steps=1, accountant="rdp"
     )
     assert noise.sigma == pytest.approx(z * math.sqrt(2.0), rel=1e-12)
     assert noise.sensitivity == pytest.approx(math.sqrt(2.0))
+    assert calibrate_release(epsilon=3.0, delta=DELTA).sigma == pytest.approx(z, rel=1e-12)  # default: 1
+    assert calibrate_release(epsilon=3.0, delta=DELTA).sigma == pytest.approx(2.327 / math.sqrt(2), abs=1e-3)
     # the calibrated noise really gives epsilon <= target (and close to it) for the plain Gaussian mechanism
     accountant = RDPAccountant()
     accountant.history = [(noise.sigma / noise.sensitivity, 1.0, 1)]
@@ -164,3 +172,26 @@ def test_refusals():
         plan.encode(np.array([101.0]))
     assert plan.workflow_kwargs()["max_weight"] == 1.0
     assert isinstance(calibrate_release(epsilon=1.0, delta=DELTA), ReleaseNoise)
+
+
+def _one_merchant(frauds: list[int]):
+    import pandas as pd  # noqa: PLC0415
+
+    stamps = pd.Timestamp("2024-03-01") + pd.to_timedelta(range(len(frauds)), unit="h")
+    return pd.DataFrame({"timestamp": stamps, "merchant_id": "m1", "is_fraud": frauds})
+
+
+@pytest.mark.parametrize("added", [0, 1])
+def test_one_transaction_moves_one_wire_cell_by_one(added):
+    """Adding a transaction (legitimate or labelled fraud) changes the disjoint layout by L2 norm 1."""
+    spec = EntityTableSpec(start="2024-03-01", days=20, buckets=256, delay_days=7)
+    before = local_table(_one_merchant([0, 1, 0]), spec, key=b"k" * 16)
+    after = local_table(_one_merchant([0, 1, 0, added]), spec, key=b"k" * 16)
+    disjoint = to_wire_layout(after, LAYOUT_DISJOINT) - to_wire_layout(before, LAYOUT_DISJOINT)
+    counts = to_wire_layout(after, LAYOUT_COUNTS) - to_wire_layout(before, LAYOUT_COUNTS)
+    assert np.linalg.norm(disjoint) == pytest.approx(layout_sensitivity(LAYOUT_DISJOINT)) == 1.0
+    assert np.linalg.norm(counts) <= layout_sensitivity(LAYOUT_COUNTS) + 1e-12
+    assert np.linalg.norm(counts) == pytest.approx(math.sqrt(1 + added))  # a fraud moves both rows
+    assert np.array_equal(from_wire_layout(to_wire_layout(after, LAYOUT_DISJOINT), LAYOUT_DISJOINT), after)
+    with pytest.raises(ValueError, match="layout"):
+        layout_sensitivity("rows")

@@ -27,6 +27,7 @@ def _release(release_id, start="2024-01-01", days=30, epsilon=3.0, banks=10):
         "days": days,
         "sigma": noise.sigma,
         "sensitivity": noise.sensitivity,
+        "layout": "disjoint",
         "delta": 1e-6,
         "epsilon": epsilon,
         "banks": banks,
