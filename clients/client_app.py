@@ -149,7 +149,6 @@ class BankClient(NumPyClient):
         return {
             "bank": self.bank,
             "epsilon": float(ledger.get("dp-epsilon-spent", 0.0)),
-            "dp-steps": int(sum(ledger.get("dp-history-steps", []) or [0])),
             "entity-epsilon": entity_round.spent(
                 self.context.state, self.ledger_file, delta=self.config.entity.entity_delta
             ),

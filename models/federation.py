@@ -25,7 +25,7 @@ KEY_EVALUATE = "evaluate-previous"
 """Fit config flag: score the incoming global model (the previous round's) first (`evaluate-in-fit`)."""
 EVAL_PREFIX = "eval-"
 """Fit metrics with this prefix are that evaluation's metrics (plus `eval-loss`, `eval-examples`)."""
-REPORT_KEYS = ("bank", "epsilon", "dp-steps", "entity-epsilon")
+REPORT_KEYS = ("bank", "epsilon", "entity-epsilon")
 """What a bank sends in the clear with each training reply: its id and privacy ledger (checkpoint, audit)."""
 KEY_PROXIMAL_MU = "proximal_mu"  # the name Flower's FedProx puts into the fit config
 ENTITY_TABLE = "fedfraud-entity-table"

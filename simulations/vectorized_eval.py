@@ -2,7 +2,7 @@
 
 One forward pass of the global model over every bank's standardized test rows; then, per bank, the mean BCE
 (pos_weight 1, float64, as `models.training.evaluate_loss`), its fraud metrics (`BankData.test_metrics`),
-its epsilon spent and DP steps from its ledger: the record `GuardedMixin.aggregate_evaluate` keeps.
+its epsilon spent from its ledger: the record the Flower path keeps (`server.server_app.RoundRecorder`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _logits(fed: Any, transform: Callable[[np.ndarray], np.ndarray]) -> list[np.
 
 
 def evaluate_banks(fed: Any, transform: Callable[[np.ndarray], np.ndarray]) -> dict[str, dict[str, Any]]:
-    """Each bank's test loss, fraud metrics, epsilon and DP steps under the current global model."""
+    """Each bank's test loss, fraud metrics and epsilon under the current global model."""
     out: dict[str, dict[str, Any]] = {}
     for i, (bank, logits) in enumerate(zip(fed.banks, _logits(fed, transform), strict=True)):
         metrics: dict[str, Any] = {}
@@ -51,11 +51,7 @@ def evaluate_banks(fed: Any, transform: Callable[[np.ndarray], np.ndarray]) -> d
             metrics = {k: v for k, v in bank.test_metrics(scores).items() if math.isfinite(v)}
         ledger = fed.ledgers[i] or {}
         bank_id = int(fed.bank_ids[i])
-        metrics.update(
-            bank=bank_id,
-            epsilon=float(ledger.get("dp-epsilon-spent", 0.0)),
-            **{"dp-steps": int(sum(ledger.get("dp-history-steps", []) or [0]))},
-        )
+        metrics.update(bank=bank_id, epsilon=float(ledger.get("dp-epsilon-spent", 0.0)))
         metrics.update(loss=loss if math.isfinite(loss) else 0.0, examples=len(bank.y_test))
         out[str(bank_id)] = metrics
     return out
