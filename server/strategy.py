@@ -158,8 +158,8 @@ def build_strategy(
     def fit_config(server_round: int) -> dict[str, Scalar]:
         config: dict[str, Scalar] = {TASK: TASK_TRAIN, KEY_ROUND: server_round + round_offset}
         config[KEY_SPEC] = spec_json
-        if fed.evaluate_in_fit and server_round > 1:  # the incoming model is the previous round's aggregate
-            config[KEY_EVALUATE] = True
+        if fed.evaluate_in_fit and server_round + round_offset > 1:  # the previous round's model (after a
+            config[KEY_EVALUATE] = True  # resume too: the checkpoint's round may lack its metrics)
         return config
 
     kwargs: dict[str, Any] = {

@@ -3,9 +3,11 @@
 import time
 
 import numpy as np
+import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from models.config import load_config
+from models.federation import KEY_EVALUATE
 from server.strategy import RecordedClientSideDP, build_strategy
 
 
@@ -19,9 +21,9 @@ def _strategy(records):
     return inner, RecordedClientSideDP(inner, noise_multiplier=0.5, clipping_norm=5.0, num_sampled_clients=2)
 
 
-def _result(value):
+def _result(value, metrics=None):
     arrays = [np.full((3, 2), value, dtype=np.float32), np.full(2, value, dtype=np.float32)]
-    return None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 10, {})
+    return None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 10, metrics or {})
 
 
 def test_the_round_record_holds_the_noised_weights():
@@ -47,3 +49,37 @@ def test_a_round_with_failures_is_recorded_as_discarded():
     assert round_no == 1 and "weights" not in info
     assert "failures" in info["discarded"] and info["failures"] == 1
     np.testing.assert_array_equal(inner.current[0], 0.0)
+
+
+def test_a_banks_score_of_the_previous_model_goes_to_that_round_and_its_epsilon_to_this_one():
+    records = []
+    _, dp = _strategy(records)
+    reports = [{"bank": b, "epsilon": 0.5 + b, "eval-ap": 0.1 * b, "eval-loss": 0.3} for b in (0, 1)]
+    dp.aggregate_fit(2, [_result(0.1, reports[0]), _result(0.3, reports[1])], [])
+    (previous, scored), (current, info) = records  # under client-level DP too (it holds this round's)
+    assert previous == 1 and scored["banks"] == {
+        "0": {"ap": 0.0, "loss": 0.3, "bank": 0},
+        "1": {"ap": 0.1, "loss": 0.3, "bank": 1},
+    }
+    assert current == 2 and info["banks"] == {
+        "0": {"bank": 0, "epsilon": 0.5},
+        "1": {"bank": 1, "epsilon": 1.5},
+    }
+    assert "weights" in info
+
+
+@pytest.mark.parametrize(("offset", "asked"), [(0, [False, True, True]), (2, [True, True, True])])
+def test_banks_score_the_incoming_model_unless_it_is_the_initial_one(offset, asked):
+    config = load_config({"rounds": 5})
+    strategy = build_strategy(
+        config, [np.zeros(2)], n_banks=3, spec_json="{}", on_round=lambda *_: None, round_offset=offset
+    )
+    assert [KEY_EVALUATE in strategy.on_fit_config_fn(r) for r in (1, 2, 3)] == asked
+    off = build_strategy(
+        load_config({"evaluate-in-fit": False}),
+        [np.zeros(2)],
+        n_banks=3,
+        spec_json="{}",
+        on_round=lambda *_: None,
+    )
+    assert not any(KEY_EVALUATE in off.on_fit_config_fn(r) for r in (1, 2, 3))
