@@ -94,6 +94,8 @@ def patch_polling(wake: threading.Event | None = None) -> bool:
     def pull_and_mark(*args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
         run_id = pull(*args, **kwargs)
+        if run_id is None:  # Flower pushes replies only after a pull: one left behind would never go
+            run_id = pending_reply_run(kwargs.get("state"))
         clock.empty_pull_s = time.monotonic() - started if run_id is None else None
         if run_id is not None:
             clock.last_message = time.monotonic()
@@ -107,6 +109,23 @@ def patch_polling(wake: threading.Event | None = None) -> bool:
     connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S
     return True
+
+
+def pending_reply_run(state: Any) -> int | None:
+    """The run of a reply stored in the node's state but not pushed yet, or None.
+
+    Flower's loop pushes the replies waiting after each message it pulls. If a ClientApp reply arrives
+    just after that push (e.g. a stale reply of a run the SuperLink lost when it was restarted was pushed
+    first), it would wait until the next message, which never comes: the server waits for that reply.
+    """
+    store, lock = getattr(state, "msg_store", None), getattr(state, "lock_msg_store", None)
+    if store is None or lock is None:
+        return None
+    with lock:
+        for entry in store.values():
+            if not entry.is_retrieved and entry.message.metadata.reply_to_message_id:
+                return int(entry.message.metadata.run_id)
+    return None
 
 
 def patch_signing(reuse_s: float = SIGN_REUSE_S) -> bool:

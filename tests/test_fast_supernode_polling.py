@@ -82,3 +82,38 @@ def test_the_serverapp_pulls_again_at_once_after_a_held_pull(monkeypatch):
     replies = list(grid.send_and_receive([outgoing]))  # type: ignore[list-item]
     assert len(replies) == 1 and inner.pulls == 2
     assert clock.slept == [0.0]  # the held pull took longer than the 0.25 s interval: no wait after it
+
+
+def _stored_reply_state():
+    from flwr.app import Message, RecordDict  # noqa: PLC0415
+    from flwr.supercore.object_store import ObjectStoreFactory  # noqa: PLC0415
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState  # noqa: PLC0415
+
+    from tests._helpers_messages import server_message  # noqa: PLC0415
+
+    state = InMemoryNodeState(ObjectStoreFactory().store())
+    instruction = server_message(RecordDict())
+    state.store_message(instruction)
+    assert fast_supernode.pending_reply_run(state) is None  # an instruction is not a reply
+    reply = Message(RecordDict(), reply_to=instruction)
+    reply.metadata.__dict__["_message_id"] = reply.object_id  # as the node stores a ClientApp's reply
+    state.store_message(reply)
+    return state
+
+
+def test_a_reply_left_behind_after_a_push_is_pushed_without_waiting_for_a_message(monkeypatch):
+    import flwr.supernode.fleet_http_connection as connection  # noqa: PLC0415
+    import flwr.supernode.start_client_internal as loop  # noqa: PLC0415
+    from flwr.supercore import heartbeat  # noqa: PLC0415
+
+    for module, name in [(loop, "time"), (loop, "pull_objects"), (connection, "HEARTBEAT_DEFAULT_INTERVAL")]:
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    monkeypatch.setattr(heartbeat, "HEARTBEAT_DEFAULT_INTERVAL", heartbeat.HEARTBEAT_DEFAULT_INTERVAL)
+    monkeypatch.setattr(loop, "_pull_and_store_message", lambda **kwargs: None)  # the SuperLink has nothing
+    assert fast_supernode.patch_polling()
+    state = _stored_reply_state()
+    assert fast_supernode.pending_reply_run(state) == 1
+    assert loop._pull_and_store_message(state=state) == 1  # so Flower's loop pushes it now
+    assert [m.metadata.run_id for m in state.get_messages_legacy(is_reply=True)] == [1]  # what it pushes
+    assert fast_supernode.pending_reply_run(state) is None
+    assert loop._pull_and_store_message(state=state) is None  # nothing left: the loop sleeps as before
