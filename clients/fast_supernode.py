@@ -11,6 +11,8 @@ wait), its local waits (for the reply) every 0.05 s, object pulls retried after 
 offline in ~20 s instead of ~60 s. The signed timestamp that authenticates each Fleet request is signed
 at most once a second and sent until then (`FEDFRAUD_NODE_SIGN_REUSE_S`; Flower accepts one up to 300 s
 old), so the SuperLink verifies each signature once (server/superlink_auth.py).
+A reply stored just after the loop's push (Flower pushes only after pulling a message) is pushed at the next
+poll instead of waiting for a message that may never come (`pending_reply_run`).
 Everything else (flags, TLS, node authentication, isolation) is Flower's own. If a Flower upgrade removes
 what is patched, the node runs stock and logs a warning.
 
