@@ -131,15 +131,17 @@ class BankClient(NumPyClient):
 
     def evaluate(self, parameters: NDArrays, config: Mapping[str, Any]) -> tuple[float, int, dict[str, Any]]:
         """Score the global model on this bank's test window; report its metrics and epsilon spent."""
-        spec = FeatureSpec.from_json(str(config[KEY_SPEC]))
-        loss, metrics = evaluate_round(self.data, parameters, spec, self.config)
-        loss = float(loss) if np.isfinite(loss) else 0.0
+        loss, metrics = self._test_scores(parameters, FeatureSpec.from_json(str(config[KEY_SPEC])))
         return loss, len(self.data.y_test), {**metrics, **self._privacy_report()}
+
+    def _test_scores(self, parameters: NDArrays, spec: FeatureSpec) -> tuple[float, dict[str, Any]]:
+        """Loss (0 when the test window is empty) and fraud metrics of a model on this bank's test window."""
+        loss, metrics = evaluate_round(self.data, parameters, spec, self.config)
+        return (float(loss) if np.isfinite(loss) else 0.0), dict(metrics)
 
     def _score_previous(self, parameters: NDArrays, spec: FeatureSpec) -> dict[str, Any]:
         """The incoming global model (the previous round's) scored as `evaluate` would, keys prefixed."""
-        loss, metrics = evaluate_round(self.data, parameters, spec, self.config)
-        loss = float(loss) if np.isfinite(loss) else 0.0
+        loss, metrics = self._test_scores(parameters, spec)
         metrics = {**metrics, "loss": loss, "examples": len(self.data.y_test)}
         return {f"{EVAL_PREFIX}{k}": v for k, v in metrics.items()}
 

@@ -78,10 +78,15 @@ def layout_sensitivity(layout: str) -> float:
     raise ValueError(f"unknown entity release layout {layout!r} (known: {LAYOUT_DISJOINT}, {LAYOUT_COUNTS})")
 
 
+def _is_disjoint(layout: str) -> bool:
+    layout_sensitivity(layout)  # refuses an unknown layout by name
+    return layout == LAYOUT_DISJOINT
+
+
 def to_wire_layout(table: np.ndarray, layout: str) -> np.ndarray:
     """A bank's (counts, frauds) table in the release's wire layout."""
     out = np.array(table, dtype=np.float64)
-    if layout_sensitivity(layout) == 1.0:
+    if _is_disjoint(layout):
         out[0] -= out[1]
     return out
 
@@ -89,7 +94,7 @@ def to_wire_layout(table: np.ndarray, layout: str) -> np.ndarray:
 def from_wire_layout(table: np.ndarray, layout: str) -> np.ndarray:
     """The decoded sum back in the published (counts, frauds) layout (post-processing, no privacy cost)."""
     out = np.array(table, dtype=np.float64)
-    if layout_sensitivity(layout) == 1.0:
+    if _is_disjoint(layout):
         out[0] += out[1]
     return out
 
