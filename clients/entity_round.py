@@ -18,6 +18,7 @@ from clients.release_ledger import ReleaseEntry
 from models.feature_names import CONSORTIUM_FEATURES
 from models.federation import CLIPPING_RANGE, ENTITY_LEDGER
 from models.release_noise import (
+    GAUSSIAN,
     LAYOUT_COUNTS,
     calibrate_release,
     layout_sensitivity,
@@ -43,6 +44,17 @@ def release_spec(release: dict[str, Any]) -> EntityTableSpec:
     )
 
 
+def noise_banks(release: dict[str, Any]) -> int:
+    """The number of shares the release's noise is split into (refused beyond the announced banks)."""
+    banks = int(release["banks"])
+    split = int(release.get("noise-banks", banks))
+    if not 1 <= split <= banks:
+        raise EntityReleaseError(
+            f"entity release {release.get('id')}: noise split {split} ways is outside [1, {banks} banks]"
+        )
+    return split
+
+
 def table_share(data: BankData, release_json: str) -> np.ndarray:
     """Return the bank's table plus its noise share, scaled for SecAgg+ (the server sees only the sum)."""
     if data.frame is None:
@@ -50,14 +62,16 @@ def table_share(data: BankData, release_json: str) -> np.ndarray:
     release = json.loads(release_json)
     spec = release_spec(release)
     layout = str(release.get("layout", LAYOUT_COUNTS))
+    mechanism = str(release.get("mechanism", GAUSSIAN))
     table = local_table(data.frame, spec, key=bytes.fromhex(release["key"]))
     noise = calibrate_release(
         epsilon=float(release["epsilon"]),
         delta=float(release["delta"]),
-        sensitivity=layout_sensitivity(layout),  # the bank's own bound, not the server's word
+        sensitivity=layout_sensitivity(layout, mechanism=mechanism),  # the bank's own bound
+        mechanism=mechanism,
     )
     noisy = to_wire_layout(table, layout) + noise_share(
-        table.shape, noise=noise, n_banks=int(release["banks"])
+        table.shape, noise=noise, n_banks=noise_banks(release)
     )
     encoded = noisy / float(release["scale"])
     if not np.isfinite(encoded).all() or np.abs(encoded).max(initial=0.0) > CLIPPING_RANGE:

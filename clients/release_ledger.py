@@ -1,10 +1,11 @@
 """A bank's record of the entity releases it joined, and the epsilon they compose to on its transactions.
 
 One transaction lands in exactly one day cell of a release, so releases over disjoint days compose in
-parallel (no extra cost), and releases that cover the same day compose sequentially (Opacus' RDP accountant
-over their noise multipliers, `models.release_noise.composed_epsilon`). A bank's entity epsilon is the worst
-day: the composition of every release that covered that day. Releases of different entity columns (merchant,
-device, ...) count the same transactions, so they compose too.
+parallel (no extra cost), and releases that cover the same day compose sequentially: Opacus' RDP accountant
+over the Gaussian ones' noise multipliers, plus the Laplace ones' epsilons
+(`models.release_noise.composed_epsilon`). A bank's entity epsilon is the worst day: the composition of
+every release that covered that day. Releases of different entity columns (merchant, device, ...) count the
+same transactions, so they compose too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from models.release_noise import LAYOUT_COUNTS, composed_epsilon, layout_sensitivity
+from models.release_noise import GAUSSIAN, LAPLACE, LAYOUT_COUNTS, composed_epsilon, layout_sensitivity
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,17 @@ class ReleaseEntry:
     contributing: int | None = None
     achieved: float | None = None
     version: str | None = None
+    mechanism: str = GAUSSIAN
+    noise_banks: int | None = None
+    """Laplace: the fewest contributing banks its noise is calibrated for (None: all `banks`)."""
 
     @classmethod
     def announced(cls, release: dict[str, Any]) -> ReleaseEntry:
         """The entry for a release announced by the server (before the bank sends its share)."""
         sigma = float(release["sigma"])
-        sensitivity = layout_sensitivity(str(release.get("layout", LAYOUT_COUNTS)))  # as the bank encodes
+        mechanism = str(release.get("mechanism", GAUSSIAN))
+        layout = str(release.get("layout", LAYOUT_COUNTS))
+        sensitivity = layout_sensitivity(layout, mechanism=mechanism)  # as the bank encodes
         return cls(
             release_id=str(release["id"]),
             column=str(release["column"]),
@@ -58,7 +64,14 @@ class ReleaseEntry:
             delta=float(release["delta"]),
             epsilon=float(release["epsilon"]),
             banks=int(release["banks"]),
+            mechanism=mechanism,
+            noise_banks=int(release.get("noise-banks", release["banks"])),
         )
+
+    def laplace_epsilon(self) -> float:
+        """A Laplace release's epsilon: the target, or inf when fewer banks than calibrated contributed."""
+        short = self.contributing is not None and self.contributing < (self.noise_banks or self.banks)
+        return math.inf if short else self.epsilon
 
     def effective_multiplier(self) -> float:
         """The noise multiplier the release really had: fewer contributing banks added less noise."""
@@ -80,10 +93,17 @@ def entity_epsilon(entries: Sequence[ReleaseEntry], *, delta: float) -> float:
     worst = 0.0
     for point in sorted({first for first, _ in ranges}):  # a coverage change happens only at a start
         pairs = zip(entries, ranges, strict=True)
-        covering = [e.effective_multiplier() for e, (a, b) in pairs if a <= point < b]
+        covering = [e for e, (a, b) in pairs if a <= point < b]
         if covering:
-            worst = max(worst, composed_epsilon(covering, delta=delta))
+            worst = max(worst, _composed(covering, delta=delta))
     return worst
+
+
+def _composed(entries: Sequence[ReleaseEntry], *, delta: float) -> float:
+    """Epsilon of releases covering the same day (Gaussian by RDP, Laplace added)."""
+    gaussian = [e.effective_multiplier() for e in entries if e.mechanism != LAPLACE]
+    laplace = [e.laplace_epsilon() for e in entries if e.mechanism == LAPLACE]
+    return composed_epsilon(gaussian, delta=delta, pure_epsilons=laplace)
 
 
 def join_release(
@@ -113,7 +133,7 @@ def confirm_release(
             out.append(entry)
             continue
         known = dataclasses.replace(entry, contributing=contributing, version=version)
-        achieved = composed_epsilon([known.effective_multiplier()], delta=known.delta)
+        achieved = _composed([known], delta=known.delta)
         out.append(dataclasses.replace(known, achieved=max(achieved, known.epsilon)))
     return out
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from models.config_entity import EntityConfig, parse_entity
 from models.config_values import (
     ConfigError,
     bank_epsilons,
@@ -100,25 +101,6 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
-class EntityConfig:
-    """Consortium entity features: which column, hash buckets, the release's privacy and its day range."""
-
-    entity_features: str
-    entity_epsilon: float
-    entity_delta: float
-    entity_buckets: int
-    entity_start: str
-    entity_days: int
-    entity_key: str
-    entity_bank_epsilon: float
-
-    @property
-    def enabled(self) -> bool:
-        """Whether an entity statistics round runs before training."""
-        return bool(self.entity_features)
-
-
-@dataclass(frozen=True)
 class FedFraudConfig:
     """All settings of a run, resolved from pyproject defaults and overrides."""
 
@@ -196,7 +178,7 @@ def parse_config(raw: Mapping[str, Any]) -> FedFraudConfig:
         seed=checked(raw, "seed", int, nonneg, "a non-negative integer"),
     )
     return FedFraudConfig(
-        split=split, train=train, federation=_federation(raw), privacy=_privacy(raw), entity=_entity(raw)
+        split=split, train=train, federation=_federation(raw), privacy=_privacy(raw), entity=parse_entity(raw)
     )
 
 
@@ -263,40 +245,3 @@ def load_config(overrides: Mapping[str, Any] | None = None, *, path: Path = PYPR
     raw = read_defaults(path)
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return parse_config(raw)
-
-
-def _entity(raw: Mapping[str, Any]) -> EntityConfig:
-    return EntityConfig(
-        entity_features=checked(
-            raw,
-            "entity-features",
-            str,
-            lambda v: v in ("", "merchant_id") or v.isidentifier(),
-            "empty (off) or an entity column such as merchant_id",
-        ),
-        entity_epsilon=checked(
-            raw, "entity-epsilon", float, lambda v: v > 0, "a positive epsilon (or inf: no noise)"
-        ),
-        entity_delta=checked(raw, "entity-delta", float, lambda v: 0 < v < 1, "a delta in (0, 1)"),
-        entity_buckets=checked(
-            raw,
-            "entity-buckets",
-            int,
-            lambda v: 2**8 <= v <= 2**22 and v & (v - 1) == 0,
-            "a power of two in [256, 4194304]",
-        ),
-        entity_start=checked(raw, "entity-start", str, is_date_or_empty, "empty or a date YYYY-MM-DD"),
-        entity_days=checked(
-            raw, "entity-days", int, lambda v: v >= 0, "0 (from the data) or a number of days"
-        ),
-        entity_key=checked(
-            raw,
-            "entity-key",
-            str,
-            lambda v: all(c in "0123456789abcdef" for c in v.lower()),
-            "empty (a fresh key per run) or a hex string",
-        ),
-        entity_bank_epsilon=checked(
-            raw, "entity-bank-epsilon", float, lambda v: v > 0, "a positive epsilon (inf: no cap)"
-        ),
-    )

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from models.feature_names import CONSORTIUM_VERSION
 from models.federation import KEY_ENTITY, KEY_PUBLISHED, TASK, TASK_ENTITY, TASK_PUBLISH
 from models.release_noise import (
+    LAPLACE,
     LAYOUT_DISJOINT,
     achieved_epsilon,
     calibrate_release,
@@ -58,9 +59,13 @@ def announce(settings: Any) -> dict[str, Any]:
         raise EntityReleaseError(
             "config keys 'entity-start' and 'entity-days' are needed for entity features"
         )
-    sensitivity = layout_sensitivity(LAYOUT_DISJOINT)
-    noise = calibrate_release(epsilon=cfg.entity_epsilon, delta=cfg.entity_delta, sensitivity=sensitivity)
-    plan = plan_exact_sum(n_banks=n, max_value=MAX_CELL_COUNT + share_bound(noise, n_banks=n))
+    mechanism = cfg.entity_mechanism
+    sensitivity = layout_sensitivity(LAYOUT_DISJOINT, mechanism=mechanism)
+    noise = calibrate_release(
+        epsilon=cfg.entity_epsilon, delta=cfg.entity_delta, sensitivity=sensitivity, mechanism=mechanism
+    )
+    noise_banks = cfg.min_banks(n) if mechanism == LAPLACE else n
+    plan = plan_exact_sum(n_banks=n, max_value=MAX_CELL_COUNT + share_bound(noise, n_banks=noise_banks))
     return {
         "id": secrets.token_hex(8),
         "column": cfg.entity_features,
@@ -72,6 +77,8 @@ def announce(settings: Any) -> dict[str, Any]:
         "epsilon": cfg.entity_epsilon,
         "delta": cfg.entity_delta,
         "banks": n,
+        "mechanism": mechanism,
+        "noise-banks": noise_banks,
         "scale": plan.scale,
         "max_value": plan.max_value,
         "sigma": noise.sigma,
@@ -80,6 +87,16 @@ def announce(settings: Any) -> dict[str, Any]:
         "_plan": plan,
         "_noise": noise,
     }
+
+
+def check_contributing(release: dict[str, Any], contributing: int) -> None:
+    """Refuse to publish a Laplace release that fewer banks than its noise was calibrated for reached."""
+    if release["mechanism"] == LAPLACE and contributing < int(release["noise-banks"]):
+        raise EntityReleaseError(
+            f"the entity release reached {contributing} banks' noise shares, fewer than the "
+            f"{release['noise-banks']} its Laplace noise is calibrated for (config key 'entity-min-banks'): "
+            "no epsilon holds, the table is not published"
+        )
 
 
 def entity_round(grid: Grid, context: Context, settings: Any) -> None:
@@ -102,13 +119,14 @@ def entity_round(grid: Grid, context: Context, settings: Any) -> None:
     if "entity_mean" not in settings.sink:
         raise EntityReleaseError("the entity release produced no table (too few banks answered)")
     contributing = int(settings.sink["entity_mean_results"])
+    check_contributing(release, contributing)
     total = plan.decode(
         settings.sink["entity_mean"], contributing=contributing, integers=math.isinf(release["epsilon"])
     )
     shape = (2, int(release["days"]), int(release["buckets"]))
     total = from_wire_layout(total.reshape(shape), release["layout"])
     table = check_table(total)
-    epsilon = achieved_epsilon(noise, contributing=contributing, n_banks=settings.n_banks)
+    epsilon = achieved_epsilon(noise, contributing=contributing, n_banks=int(release["noise-banks"]))
     version = table_version(public, table)
     published = {"id": release["id"], "contributing": contributing, "version": version, "epsilon": epsilon}
     settings.sink.update(

@@ -25,7 +25,7 @@ def consortium(tmp_path_factory):
     return out
 
 
-def _run(consortium, epsilon, monkeypatch=None):
+def _run(consortium, epsilon, mechanism="laplace"):
     config = load_config(
         {
             "rounds": 1,
@@ -33,6 +33,7 @@ def _run(consortium, epsilon, monkeypatch=None):
             "entity-features": "merchant_id",
             "entity-epsilon": epsilon,
             "entity-buckets": 1024,
+            "entity-mechanism": mechanism,
         }
     )
     data = prepare(DataSource(path=consortium), config.split)
@@ -71,17 +72,22 @@ def test_secure_sum_is_exact_and_the_server_never_holds_a_bank_table(consortium,
     assert names[-1] == "consortium_fraud_rate_30d" and len(names) == 26
 
 
-def test_release_noise_has_the_calibrated_scale(consortium):
-    data, result = _run(consortium, 1.0)
+@pytest.mark.parametrize("mechanism", ["laplace", "gaussian"])
+def test_release_noise_has_the_calibrated_scale(consortium, mechanism):
+    data, result = _run(consortium, 1.0, mechanism)
     release = json.loads(result.artifacts["entity_release"])
-    sigma = calibrate_release(epsilon=1.0, delta=release["delta"]).sigma
+    sigma = calibrate_release(epsilon=1.0, delta=release["delta"], mechanism=mechanism).sigma
     residual = result.artifacts["entity_raw"] - _exact_sum(data, release)
     assert release["sigma"] == pytest.approx(sigma) and release["layout"] == "disjoint"
-    # on the wire each cell (legitimate, fraud) carried N(0, sigma^2); the published count is their sum
+    assert release["mechanism"] == mechanism and release["noise-banks"] == 4  # 4 banks: 80% rounds up to 4
+    # each wire cell (legitimate, fraud) carried the noise: Laplace(1) (std sqrt 2), or N(0, sigma^2)
+    assert sigma == pytest.approx(np.sqrt(2.0) if mechanism == "laplace" else 4.53, rel=1e-3)
     legit, frauds = (residual[0] - residual[1]).ravel(), residual[1].ravel()
+    shape = 2**-0.5 if mechanism == "laplace" else np.sqrt(2 / np.pi)  # mean |x| / std: 0.707 or 0.798
     for noise in (legit, frauds):  # ~45k cells each: sampling error under 1%
         assert noise.std() == pytest.approx(sigma, rel=0.03)
         assert abs(noise.mean()) < 5 * sigma / np.sqrt(noise.size)
+        assert np.abs(noise).mean() / noise.std() == pytest.approx(shape, abs=0.02)
     assert abs(np.corrcoef(legit, frauds)[0, 1]) < 0.03  # independent noise per wire cell
     table = result.artifacts["entity_table"]
     np.testing.assert_array_equal(table, result.artifacts["entity_raw"])  # published unclipped (unbiased)
