@@ -140,6 +140,9 @@ def simulate(
         float | None, Opt(help="Epsilon of the entity release (inf: no noise).")
     ] = None,
     entity_buckets: Annotated[int | None, Opt(help="Hash buckets of the entity table.")] = None,
+    entity_mechanism: Annotated[
+        str | None, Opt(help="Noise of the entity release: laplace or gaussian.")
+    ] = None,
     num_cpus: Annotated[float, Opt(help="CPUs per simulated bank (Ray).")] = 1.0,
     num_gpus: Annotated[float, Opt(help="GPUs per simulated bank (Ray); >0 uses the GPU.")] = 0.0,
     ray_address: Annotated[str | None, Opt(help="Attach to an existing Ray cluster (e.g. auto).")] = None,
@@ -168,6 +171,7 @@ def simulate(
             entity_features=entity_features,
             entity_epsilon=entity_epsilon,
             entity_buckets=entity_buckets,
+            entity_mechanism=entity_mechanism,
         )
     )
     source = DataSource(
