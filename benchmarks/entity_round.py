@@ -30,7 +30,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
 from clients.entity import EntityTableSpec, local_table
 from models.config import load_config
-from models.release_noise import calibrate_release, noise_share, share_bound
+from models.release_noise import LAPLACE, MECHANISMS, calibrate_release, noise_share, share_bound
 from server.entity_release import MAX_CELL_COUNT
 from server.exact_sum import plan_exact_sum
 from server.secagg import SecAggConfigError, choose_secagg
@@ -75,13 +75,18 @@ def _server_unmask(cells: int, banks: int, modulus: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def measure(banks: int, buckets: int, days: int, rows_per_day: int, epsilon: float) -> str:
+def measure(banks: int, buckets: int, days: int, rows_per_day: int, *, epsilon: float, mechanism: str) -> str:
     """One configuration's line: bank seconds (table, noise, mask), server seconds per bank, MB per bank."""
     rng = np.random.default_rng(0)
     spec = EntityTableSpec(start="2024-01-01", days=days, buckets=buckets)
-    noise = calibrate_release(epsilon=epsilon, delta=1e-6)
+    noise = calibrate_release(epsilon=epsilon, delta=1e-6, mechanism=mechanism)
+    split = (
+        load_config({"entity-mechanism": mechanism}).entity.min_banks(banks)
+        if mechanism == LAPLACE
+        else banks
+    )
     try:
-        plan = plan_exact_sum(n_banks=banks, max_value=MAX_CELL_COUNT + share_bound(noise, n_banks=banks))
+        plan = plan_exact_sum(n_banks=banks, max_value=MAX_CELL_COUNT + share_bound(noise, n_banks=split))
     except SecAggConfigError as exc:
         return f"{banks:>5} {buckets:>8} {days:>4}  refused: {exc}"
     neighbours = choose_secagg(banks, load_config({}).federation).num_shares - 1
@@ -90,7 +95,7 @@ def measure(banks: int, buckets: int, days: int, rows_per_day: int, epsilon: flo
     table = local_table(frame, spec, key=b"k" * 32)
     t_table = time.perf_counter() - t0
     t0 = time.perf_counter()
-    encoded = plan.encode(table + noise_share(table.shape, noise=noise, n_banks=banks, rng=rng)).ravel()
+    encoded = plan.encode(table + noise_share(table.shape, noise=noise, n_banks=split, rng=rng)).ravel()
     t_noise = time.perf_counter() - t0
     t_mask, sent = _mask(encoded, plan.workflow_kwargs(), neighbours)
     t_server = _server_unmask(encoded.size, banks, plan.modulus_range)
@@ -110,12 +115,19 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=1, help="days per release (a daily release: 1)")
     parser.add_argument("--rows-per-day", type=int, default=20_000, help="one bank's transactions per day")
     parser.add_argument("--epsilon", type=float, default=3.0)
+    parser.add_argument("--mechanism", choices=MECHANISMS, default=LAPLACE, help="the release's noise")
     args = parser.parse_args()
-    print(f"cpus: {os.cpu_count()}, epsilon {args.epsilon}, {args.rows_per_day:,} transactions/bank/day")
+    print(
+        f"cpus: {os.cpu_count()}, epsilon {args.epsilon} ({args.mechanism}), "
+        f"{args.rows_per_day:,} transactions/bank/day"
+    )
     print("banks  buckets days      cells  table_s  noise_s   mask_s  bank_tot_s  server_s/bank  MB/bank")
     for banks in args.banks:
         for log2 in args.log2_buckets:
-            print(measure(banks, 2**log2, args.days, args.rows_per_day, args.epsilon), flush=True)
+            line = measure(
+                banks, 2**log2, args.days, args.rows_per_day, epsilon=args.epsilon, mechanism=args.mechanism
+            )
+            print(line, flush=True)
     print("server total per release = server_s/bank x banks; bank_tot_s runs in parallel at the banks")
 
 
