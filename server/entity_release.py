@@ -119,7 +119,16 @@ def entity_round(grid: Grid, context: Context, settings: Any) -> None:
     if "entity_mean" not in settings.sink:
         raise EntityReleaseError("the entity release produced no table (too few banks answered)")
     contributing = int(settings.sink["entity_mean_results"])
-    check_contributing(release, contributing)
+    try:
+        check_contributing(release, contributing)
+    except EntityReleaseError:  # the sum was decoded with too little noise: audited with no epsilon
+        settings.sink.update(
+            entity_release=public,
+            entity_contributing=contributing,
+            entity_epsilon=math.inf,
+            entity_version="",
+        )
+        raise
     total = plan.decode(
         settings.sink["entity_mean"], contributing=contributing, integers=math.isinf(release["epsilon"])
     )

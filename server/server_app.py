@@ -213,9 +213,11 @@ def run_federation(grid: Grid, context: Context, settings: ServerSettings) -> No
         spec_json, initial = start.spec_json, start.weights
     else:
         if config.entity.enabled:
-            entity_round(grid, context, settings)
-            if settings.audit is not None:
-                settings.audit.entity_release(settings.sink)
+            try:
+                entity_round(grid, context, settings)
+            finally:  # a release refused after decoding (too few noise shares) is audited too
+                if settings.audit is not None and "entity_contributing" in settings.sink:
+                    settings.audit.entity_release(settings.sink)
         spec_json = stats_round(grid, context, settings).to_json()
         if settings.audit is not None:
             settings.audit.stats_round("stats_round")

@@ -21,7 +21,9 @@ from models.release_noise import (
     noise_share,
     share_bound,
 )
+from server import entity_release as server_release
 from server.entity_release import EntityReleaseError, check_contributing
+from server.server_app import ServerSettings
 
 DELTA = 1e-6
 
@@ -136,3 +138,35 @@ def test_min_banks_defaults_to_80_percent_and_cannot_exceed_the_banks():
     assert load_config({"entity-min-banks": 5}).entity.min_banks(10) == 5
     with pytest.raises(ValueError, match="'entity-min-banks': 12"):
         load_config({"entity-min-banks": 12}).entity.min_banks(10)
+
+
+@pytest.mark.parametrize(("contributing", "published"), [(3, True), (2, False)])
+def test_a_short_laplace_release_is_decoded_but_never_published(monkeypatch, contributing, published):
+    rounds = []
+
+    def fake_round(grid, context, strategy, secagg=None):
+        rounds.append(strategy.key)
+        if strategy.key == "entity_mean":  # what the SecAgg+ workflow hands the strategy: the decoded mean
+            strategy.sink.update(entity_mean=np.zeros(2 * 5 * 256), entity_mean_results=contributing)
+
+    monkeypatch.setattr(server_release, "run_round", fake_round)
+    config = load_config(
+        {"entity-features": "merchant_id", "entity-buckets": 256, "entity-min-banks": 3, "secagg": False}
+    )
+    settings = ServerSettings(
+        config=config,
+        n_banks=4,
+        feature_names=(),
+        feature_version="",
+        entity_start="2024-01-01",
+        entity_days=5,
+    )
+    if published:
+        server_release.entity_round(None, None, settings)
+        assert settings.sink["entity_epsilon"] == 3.0 and rounds == ["entity_mean", "entity_publish"]
+        return
+    with pytest.raises(EntityReleaseError, match="fewer than the 3"):
+        server_release.entity_round(None, None, settings)
+    assert rounds == ["entity_mean"]  # nothing goes back to the banks
+    assert settings.sink["entity_epsilon"] == math.inf and settings.sink["entity_contributing"] == 2
+    assert "entity_table" not in settings.sink  # what the audit log records: the release, no epsilon
