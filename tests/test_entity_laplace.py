@@ -24,6 +24,7 @@ from models.release_noise import (
 from server import entity_release as server_release
 from server.entity_release import EntityReleaseError, check_contributing
 from server.server_app import ServerSettings
+from tests._helpers_release import announced
 
 DELTA = 1e-6
 
@@ -74,22 +75,8 @@ def test_pure_epsilons_add_to_the_gaussian_composition():
     assert composed_epsilon([], delta=DELTA, pure_epsilons=[3.0, 3.0]) == 6.0
 
 
-def _release(release_id, start="2024-01-01", epsilon=3.0, *, days=30, banks=10, noise_banks=8):
-    noise = _laplace(epsilon)
-    return {
-        "id": release_id,
-        "column": "merchant_id",
-        "start": start,
-        "days": days,
-        "sigma": noise.sigma,
-        "sensitivity": noise.sensitivity,
-        "layout": "disjoint",
-        "delta": DELTA,
-        "epsilon": epsilon,
-        "banks": banks,
-        "mechanism": "laplace",
-        "noise-banks": noise_banks,
-    }
+def _release(release_id, start="2024-01-01", epsilon=3.0):
+    return announced(release_id, start, 30, epsilon, mechanism=LAPLACE, noise_banks=8)
 
 
 def test_ledger_adds_overlapping_laplace_releases_and_marks_short_ones():

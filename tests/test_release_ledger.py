@@ -15,23 +15,8 @@ from clients.release_ledger import (
     entity_epsilon,
     join_release,
 )
-from models.release_noise import calibrate_release, composed_epsilon
-
-
-def _release(release_id, start="2024-01-01", days=30, epsilon=3.0, banks=10):
-    noise = calibrate_release(epsilon=epsilon, delta=1e-6)
-    return {
-        "id": release_id,
-        "column": "merchant_id",
-        "start": start,
-        "days": days,
-        "sigma": noise.sigma,
-        "sensitivity": noise.sensitivity,
-        "layout": "disjoint",
-        "delta": 1e-6,
-        "epsilon": epsilon,
-        "banks": banks,
-    }
+from models.release_noise import composed_epsilon
+from tests._helpers_release import announced as _release
 
 
 def test_one_release_spends_its_calibrated_epsilon():
