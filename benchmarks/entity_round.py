@@ -30,7 +30,8 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
 from clients.entity import EntityTableSpec, local_table
 from models.config import load_config
-from models.release_noise import LAPLACE, MECHANISMS, calibrate_release, noise_share, share_bound
+from models.release_noise import DISCRETE_LAPLACE, MECHANISMS, calibrate_release, is_pure
+from models.release_shares import noise_share, share_bound
 from server.entity_release import MAX_CELL_COUNT
 from server.exact_sum import plan_exact_sum
 from server.secagg import SecAggConfigError, choose_secagg
@@ -81,9 +82,7 @@ def measure(banks: int, buckets: int, days: int, rows_per_day: int, *, epsilon: 
     spec = EntityTableSpec(start="2024-01-01", days=days, buckets=buckets)
     noise = calibrate_release(epsilon=epsilon, delta=1e-6, mechanism=mechanism)
     split = (
-        load_config({"entity-mechanism": mechanism}).entity.min_banks(banks)
-        if mechanism == LAPLACE
-        else banks
+        load_config({"entity-mechanism": mechanism}).entity.min_banks(banks) if is_pure(mechanism) else banks
     )
     try:
         plan = plan_exact_sum(n_banks=banks, max_value=MAX_CELL_COUNT + share_bound(noise, n_banks=split))
@@ -115,7 +114,7 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=1, help="days per release (a daily release: 1)")
     parser.add_argument("--rows-per-day", type=int, default=20_000, help="one bank's transactions per day")
     parser.add_argument("--epsilon", type=float, default=3.0)
-    parser.add_argument("--mechanism", choices=MECHANISMS, default=LAPLACE, help="the release's noise")
+    parser.add_argument("--mechanism", choices=MECHANISMS, default=DISCRETE_LAPLACE, help="release noise")
     args = parser.parse_args()
     print(
         f"cpus: {os.cpu_count()}, epsilon {args.epsilon} ({args.mechanism}), "

@@ -22,9 +22,9 @@ from models.release_noise import (
     LAYOUT_COUNTS,
     calibrate_release,
     layout_sensitivity,
-    noise_share,
     to_wire_layout,
 )
+from models.release_shares import noise_share
 
 logger = logging.getLogger(__name__)
 

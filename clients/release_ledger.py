@@ -2,7 +2,7 @@
 
 One transaction lands in exactly one day cell of a release, so releases over disjoint days compose in
 parallel (no extra cost), and releases that cover the same day compose sequentially: Opacus' RDP accountant
-over the Gaussian ones' noise multipliers, plus the Laplace ones' epsilons
+over the Gaussian ones' noise multipliers, plus the pure (Laplace, discrete Laplace) ones' epsilons
 (`models.release_noise.composed_epsilon`). A bank's entity epsilon is the worst day: the composition of
 every release that covered that day. Releases of different entity columns (merchant, device, ...) count the
 same transactions, so they compose too.
@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from models.release_noise import GAUSSIAN, LAPLACE, LAYOUT_COUNTS, composed_epsilon, layout_sensitivity
+from models.release_noise import GAUSSIAN, LAYOUT_COUNTS, composed_epsilon, is_pure, layout_sensitivity
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class ReleaseEntry:
     version: str | None = None
     mechanism: str = GAUSSIAN
     noise_banks: int | None = None
-    """Laplace: the fewest contributing banks its noise is calibrated for (None: all `banks`)."""
+    """Pure mechanisms: the fewest contributing banks its noise is calibrated for (None: all `banks`)."""
 
     @classmethod
     def announced(cls, release: dict[str, Any]) -> ReleaseEntry:
@@ -68,8 +68,8 @@ class ReleaseEntry:
             noise_banks=int(release.get("noise-banks", release["banks"])),
         )
 
-    def laplace_epsilon(self) -> float:
-        """A Laplace release's epsilon: the target, or inf when fewer banks than calibrated contributed."""
+    def pure_epsilon(self) -> float:
+        """A pure-DP release's epsilon: the target, or inf when fewer banks than calibrated contributed."""
         short = self.contributing is not None and self.contributing < (self.noise_banks or self.banks)
         return math.inf if short else self.epsilon
 
@@ -100,10 +100,10 @@ def entity_epsilon(entries: Sequence[ReleaseEntry], *, delta: float) -> float:
 
 
 def _composed(entries: Sequence[ReleaseEntry], *, delta: float) -> float:
-    """Epsilon of releases covering the same day (Gaussian by RDP, Laplace added)."""
-    gaussian = [e.effective_multiplier() for e in entries if e.mechanism != LAPLACE]
-    laplace = [e.laplace_epsilon() for e in entries if e.mechanism == LAPLACE]
-    return composed_epsilon(gaussian, delta=delta, pure_epsilons=laplace)
+    """Epsilon of releases covering the same day (Gaussian by RDP, pure ones added)."""
+    gaussian = [e.effective_multiplier() for e in entries if not is_pure(e.mechanism)]
+    pure = [e.pure_epsilon() for e in entries if is_pure(e.mechanism)]
+    return composed_epsilon(gaussian, delta=delta, pure_epsilons=pure)
 
 
 def join_release(

@@ -9,10 +9,10 @@ from typing import Any
 
 from models.config_values import checked, is_date_or_empty
 
-RELEASE_MECHANISMS = ("laplace", "gaussian")
-"""Noise of the entity release: distributed Laplace (pure epsilon-DP) or Gaussian (epsilon, delta)."""
+RELEASE_MECHANISMS = ("discrete-laplace", "laplace", "gaussian")
+"""Noise of the entity release: distributed discrete or continuous Laplace (pure epsilon-DP), or Gaussian."""
 DEFAULT_MIN_SHARE = 0.8
-"""`entity-min-banks = 0`: the Laplace noise is calibrated for this share of the banks (rounded up)."""
+"""`entity-min-banks = 0`: pure-DP noise is calibrated for this share of the banks (rounded up)."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class EntityConfig:
         return bool(self.entity_features)
 
     def min_banks(self, n_banks: int) -> int:
-        """The fewest banks whose Laplace noise shares must reach the sum (the release is refused below)."""
+        """The fewest banks whose pure-DP noise shares must reach the sum (the release is refused below)."""
         chosen = self.entity_min_banks or math.ceil(DEFAULT_MIN_SHARE * n_banks)
         if not 1 <= chosen <= n_banks:
             raise ValueError(

@@ -3,13 +3,19 @@
 Each bank adds its noise share to every cell before SecAgg+ masking, so the masked sum of the shares carries
 the release's noise and no party (server or bank) ever sees un-noised totals.
 
-Mechanisms (`entity-mechanism`):
-- `laplace` (default): each bank adds Gamma(1/m, b) - Gamma(1/m, b), m = `entity-min-banks`; the sum of any
-  m shares is Laplace(b) (the Laplace distribution is infinitely divisible), and more shares only add
-  independent noise (post-processing). b = L1 sensitivity / epsilon: pure epsilon-DP. In the disjoint layout a
-  transaction moves one cell by 1, so L1 = L2 = 1, and at epsilon 3 the Laplace noise has std 0.47 against
-  the Gaussian's 1.65 (delta 1e-6): the Gaussian only wins when one record touches many cells. Fewer than m
-  contributing shares: no guarantee is claimed (`achieved_epsilon` is inf) and the table is not published.
+Mechanisms (`entity-mechanism`); the shares themselves are drawn in `models.release_shares`:
+- `discrete-laplace` (default): the two-sided geometric mechanism (Ghosh, Roughgarden and Sundararajan 2009),
+  integer noise P(k) ~ alpha^|k| with alpha = exp(-epsilon / L1 sensitivity): pure epsilon-DP for integer
+  counts. Each bank adds NB(1/m, 1 - alpha) - NB(1/m, 1 - alpha) (Polya shares; the negative binomial is
+  infinitely divisible, so any m shares sum to the discrete Laplace). At epsilon 3 its std is 0.33 against the
+  continuous Laplace's 0.47, and 90% of the cells carry no noise at all; the sum stays an integer, so SecAgg+
+  carries it exactly and the server decodes whole counts.
+- `laplace`: each bank adds Gamma(1/m, b) - Gamma(1/m, b); the sum of any m shares is Laplace(b), b = L1
+  sensitivity / epsilon: pure epsilon-DP.
+- For both pure mechanisms m = `entity-min-banks`, and more shares only add independent noise
+  (post-processing). In the disjoint layout a transaction moves one cell by 1, so L1 = L2 = 1: the Gaussian
+  only wins when one record touches many cells. Fewer than m contributing shares: no guarantee is claimed
+  (`achieved_epsilon` is inf) and the table is not published.
 - `gaussian`: each bank adds N(0, sigma^2 / n_banks), calibrated as below.
 
 Layout: a release is (2, days, buckets). On the wire (`LAYOUT_DISJOINT`) row 0 counts the transactions not
@@ -30,9 +36,8 @@ Gaussian dropouts: if only k of n banks add their shares, the release carries no
 `achieved_epsilon` reports the epsilon that this smaller noise actually gives (same Opacus accountant).
 Shares are truncated at +-`clip_sigmas` share standard deviations (default 12) so SecAgg+ can bound the
 encoded values; truncation changes each cell's distribution by total variation <= 2 * P(|Z| > 12) ~ 4e-33,
-which adds at most that much per cell and bank to delta (negligible). Laplace shares truncate each Gamma draw
-at `LAPLACE_TAIL_SCALES` * b; a Gamma with shape <= 1 exceeds it with probability <= exp(-40) ~ 4e-18, so
-the pure epsilon-DP release becomes (epsilon, ~1e-17 per bank) in the same way (negligible).
+which adds at most that much per cell and bank to delta (negligible). The pure mechanisms' shares are
+truncated likewise (`models.release_shares`), which makes them (epsilon, ~1e-17 per bank and cell).
 """
 
 from __future__ import annotations
@@ -57,18 +62,22 @@ LAYOUT_COUNTS = "counts"
 """The published (and older wire) layout: [0] all transactions, [1] labelled frauds (sensitivity sqrt 2)."""
 GAUSSIAN = "gaussian"
 LAPLACE = "laplace"
+DISCRETE_LAPLACE = "discrete-laplace"
+PURE_MECHANISMS = (DISCRETE_LAPLACE, LAPLACE)
+"""Mechanisms with pure epsilon-DP, calibrated for `entity-min-banks` shares and refused below them."""
 MECHANISMS = RELEASE_MECHANISMS
-LAPLACE_TAIL_SCALES = 40.0
-"""Each Gamma draw of a Laplace share is truncated at this many Laplace scales b (see module docstring)."""
-DEFAULT_CLIP_SIGMAS = 12.0
-"""Each noise share is truncated at this many share standard deviations (see module docstring)."""
+
+
+def is_pure(mechanism: str) -> bool:
+    """Whether a release mechanism gives pure epsilon-DP (Laplace, discrete Laplace)."""
+    return mechanism in PURE_MECHANISMS
 
 
 @dataclass(frozen=True)
 class ReleaseNoise:
     """Privacy parameters of one release; sigma is the std of the TOTAL noise per cell (0 means no DP).
 
-    `sensitivity` is the L2 sensitivity for the Gaussian, the L1 sensitivity for the Laplace mechanism.
+    `sensitivity` is the L2 sensitivity for the Gaussian, the L1 sensitivity for the pure mechanisms.
     """
 
     epsilon: float
@@ -81,6 +90,23 @@ class ReleaseNoise:
     def laplace_scale(self) -> float:
         """The Laplace scale b of the total noise (sigma / sqrt 2); 0 without noise."""
         return self.sigma / math.sqrt(2.0)
+
+    @property
+    def geometric_ratio(self) -> float:
+        """The discrete Laplace's alpha = exp(-epsilon / sensitivity): P(k) ~ alpha^|k| (0 without noise)."""
+        return math.exp(-self.epsilon / self.sensitivity)
+
+
+def _discrete_laplace(epsilon: float, delta: float, sensitivity: float) -> ReleaseNoise:
+    """The two-sided geometric mechanism for an integer sensitivity: std sqrt(2 alpha) / (1 - alpha)."""
+    if sensitivity != round(sensitivity):
+        raise ValueError(f"the discrete Laplace needs an integer sensitivity, got {sensitivity!r}")
+    alpha = math.exp(-epsilon / sensitivity)
+    sigma = math.sqrt(2.0 * alpha) / (1.0 - alpha)
+    logger.info("entity release: discrete Laplace, epsilon %.3g, alpha %.4g, std %.4g", epsilon, alpha, sigma)
+    return ReleaseNoise(
+        epsilon=epsilon, delta=delta, sensitivity=sensitivity, sigma=sigma, mechanism=DISCRETE_LAPLACE
+    )
 
 
 def _check_delta(delta: float) -> None:
@@ -102,12 +128,12 @@ def _check_mechanism(mechanism: str) -> None:
 
 
 def layout_sensitivity(layout: str, *, mechanism: str = GAUSSIAN) -> float:
-    """Sensitivity (L2 for the Gaussian, L1 for Laplace) of a release in this layout to one transaction."""
+    """Sensitivity (L2 for the Gaussian, L1 for the pure mechanisms) of a release in this layout."""
     _check_mechanism(mechanism)
     if layout == LAYOUT_DISJOINT:
         return 1.0
     if layout == LAYOUT_COUNTS:  # a fraud moves two cells by 1
-        return 2.0 if mechanism == LAPLACE else math.sqrt(2.0)
+        return 2.0 if is_pure(mechanism) else math.sqrt(2.0)
     raise ValueError(f"unknown entity release layout {layout!r} (known: {LAYOUT_DISJOINT}, {LAYOUT_COUNTS})")
 
 
@@ -147,6 +173,8 @@ def calibrate_release(
         return ReleaseNoise(
             epsilon=math.inf, delta=delta, sensitivity=sensitivity, sigma=0.0, mechanism=mechanism
         )
+    if mechanism == DISCRETE_LAPLACE:
+        return _discrete_laplace(epsilon, delta, sensitivity)
     if mechanism == LAPLACE:
         scale = sensitivity / epsilon
         logger.info(
@@ -175,48 +203,6 @@ def calibrate_release(
     return ReleaseNoise(epsilon=epsilon, delta=delta, sensitivity=sensitivity, sigma=sigma)
 
 
-def share_std(noise: ReleaseNoise, *, n_banks: int) -> float:
-    """Standard deviation of one bank's noise share when the noise is split n_banks ways: sigma / sqrt(n)."""
-    if n_banks < 1:
-        raise ValueError(f"n_banks must be >= 1, got {n_banks!r}")
-    return noise.sigma / math.sqrt(n_banks)
-
-
-def share_bound(noise: ReleaseNoise, *, n_banks: int, clip_sigmas: float = DEFAULT_CLIP_SIGMAS) -> float:
-    """Largest absolute value of one bank's noise share (what the SecAgg+ plan must leave room for)."""
-    if noise.mechanism == LAPLACE:
-        return LAPLACE_TAIL_SCALES * noise.laplace_scale
-    return clip_sigmas * share_std(noise, n_banks=n_banks)
-
-
-def noise_share(
-    shape: tuple[int, ...],
-    *,
-    noise: ReleaseNoise,
-    n_banks: int,
-    rng: np.random.Generator | None = None,
-    clip_sigmas: float = DEFAULT_CLIP_SIGMAS,
-) -> np.ndarray:
-    """One bank's share per cell: the sum of n_banks shares carries the release's noise (std sigma).
-
-    Gaussian: N(0, sigma^2 / n_banks). Laplace: Gamma(1/n_banks, b) - Gamma(1/n_banks, b), n_banks being the
-    fewest contributing banks the noise is calibrated for (`entity-min-banks`).
-    """
-    if not clip_sigmas >= 8.0:
-        raise ValueError(f"clip_sigmas must be >= 8 (truncation must stay negligible), got {clip_sigmas!r}")
-    std = share_std(noise, n_banks=n_banks)
-    if std == 0.0:
-        return np.zeros(shape, dtype=np.float64)
-    generator = rng if rng is not None else np.random.default_rng()  # OS entropy by default
-    if noise.mechanism == LAPLACE:
-        b, bound = noise.laplace_scale, share_bound(noise, n_banks=n_banks)
-        halves = [np.minimum(generator.gamma(1.0 / n_banks, b, size=shape), bound) for _ in range(2)]
-        return halves[0] - halves[1]
-    share = generator.normal(0.0, std, size=shape)
-    bound = clip_sigmas * std
-    return np.clip(share, -bound, bound)
-
-
 def check_table(table: np.ndarray) -> np.ndarray:
     """The release as published: the noisy totals, float64 (2, days, buckets), finite, NOT clipped per cell.
 
@@ -237,8 +223,9 @@ def composed_epsilon(
 ) -> float:
     """Epsilon of several releases of the same records at `delta`.
 
-    Gaussian releases (their noise multipliers) compose by Opacus' RDP accountant; pure epsilon-DP (Laplace)
-    releases add their epsilons on top (basic composition: (e1, delta) and (e2, 0) give (e1 + e2, delta)).
+    Gaussian releases (their noise multipliers) compose by Opacus' RDP accountant; pure epsilon-DP releases
+    (Laplace, discrete Laplace) add their epsilons on top (basic composition: (e1, delta) and (e2, 0) give
+    (e1 + e2, delta)).
     """
     _check_delta(delta)
     pure = float(sum(pure_epsilons))
@@ -256,12 +243,12 @@ def composed_epsilon(
 def achieved_epsilon(noise: ReleaseNoise, *, contributing: int, n_banks: int) -> float:
     """Epsilon actually achieved when `contributing` banks added a share of noise split n_banks ways.
 
-    Laplace: the target when contributing >= n_banks (the calibrated minimum), else inf (no guarantee).
+    Pure mechanisms: the target when contributing >= n_banks (the calibrated minimum), else inf.
     """
     if n_banks < 1:
         raise ValueError(f"n_banks must be >= 1, got {n_banks!r}")
-    if noise.mechanism == LAPLACE and contributing >= 1:
-        return _laplace_achieved(noise, contributing=contributing, n_banks=n_banks)
+    if is_pure(noise.mechanism) and contributing >= 1:
+        return _pure_achieved(noise, contributing=contributing, n_banks=n_banks)
     if not 1 <= contributing <= n_banks:
         raise ValueError(f"contributing must be in [1, n_banks={n_banks}], got {contributing!r}")
     if noise.sigma == 0.0:
@@ -283,14 +270,15 @@ def achieved_epsilon(noise: ReleaseNoise, *, contributing: int, n_banks: int) ->
     return eps
 
 
-def _laplace_achieved(noise: ReleaseNoise, *, contributing: int, n_banks: int) -> float:
+def _pure_achieved(noise: ReleaseNoise, *, contributing: int, n_banks: int) -> float:
     if noise.sigma == 0.0:
         return math.inf
     if contributing >= n_banks:
         return noise.epsilon
     logger.warning(
-        "entity release: %d banks added Laplace noise shares, calibrated for at least %d: no epsilon holds",
+        "entity release: %d banks added %s noise shares, calibrated for at least %d: no epsilon holds",
         contributing,
+        noise.mechanism,
         n_banks,
     )
     return math.inf

@@ -21,15 +21,16 @@ from flwr.serverapp import Grid
 from models.feature_names import CONSORTIUM_VERSION
 from models.federation import KEY_ENTITY, KEY_PUBLISHED, TASK, TASK_ENTITY, TASK_PUBLISH
 from models.release_noise import (
-    LAPLACE,
+    DISCRETE_LAPLACE,
     LAYOUT_DISJOINT,
     achieved_epsilon,
     calibrate_release,
     check_table,
     from_wire_layout,
+    is_pure,
     layout_sensitivity,
-    share_bound,
 )
+from models.release_shares import share_bound
 from server.exact_sum import plan_exact_sum
 from server.rounds import run_round
 from server.secagg import choose_secagg
@@ -64,7 +65,7 @@ def announce(settings: Any) -> dict[str, Any]:
     noise = calibrate_release(
         epsilon=cfg.entity_epsilon, delta=cfg.entity_delta, sensitivity=sensitivity, mechanism=mechanism
     )
-    noise_banks = cfg.min_banks(n) if mechanism == LAPLACE else n
+    noise_banks = cfg.min_banks(n) if is_pure(mechanism) else n
     plan = plan_exact_sum(n_banks=n, max_value=MAX_CELL_COUNT + share_bound(noise, n_banks=noise_banks))
     return {
         "id": secrets.token_hex(8),
@@ -90,12 +91,12 @@ def announce(settings: Any) -> dict[str, Any]:
 
 
 def check_contributing(release: dict[str, Any], contributing: int) -> None:
-    """Refuse to publish a Laplace release that fewer banks than its noise was calibrated for reached."""
-    if release["mechanism"] == LAPLACE and contributing < int(release["noise-banks"]):
+    """Refuse to publish a pure-DP release that fewer banks than its noise was calibrated for reached."""
+    if is_pure(release["mechanism"]) and contributing < int(release["noise-banks"]):
         raise EntityReleaseError(
             f"the entity release reached {contributing} banks' noise shares, fewer than the "
-            f"{release['noise-banks']} its Laplace noise is calibrated for (config key 'entity-min-banks'): "
-            "no epsilon holds, the table is not published"
+            f"{release['noise-banks']} its {release['mechanism']} noise is calibrated for "
+            "(config key 'entity-min-banks'): no epsilon holds, the table is not published"
         )
 
 
@@ -129,9 +130,8 @@ def entity_round(grid: Grid, context: Context, settings: Any) -> None:
             entity_version="",
         )
         raise
-    total = plan.decode(
-        settings.sink["entity_mean"], contributing=contributing, integers=math.isinf(release["epsilon"])
-    )
+    integers = math.isinf(release["epsilon"]) or release["mechanism"] == DISCRETE_LAPLACE  # whole counts
+    total = plan.decode(settings.sink["entity_mean"], contributing=contributing, integers=integers)
     shape = (2, int(release["days"]), int(release["buckets"]))
     total = from_wire_layout(total.reshape(shape), release["layout"])
     table = check_table(total)

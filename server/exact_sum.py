@@ -69,7 +69,7 @@ class ExactSumPlan:
     def decode(
         self, mean_of_encoded: np.ndarray, *, contributing: int | None = None, integers: bool = False
     ) -> np.ndarray:
-        """Server side: mean * contributing banks * scale; np.rint when `integers` (noiseless tables)."""
+        """Server side: mean * contributing banks * scale; np.rint when `integers` (integer shares)."""
         k = self.n_banks if contributing is None else contributing
         if not 1 <= k <= self.n_banks:
             raise ValueError(f"contributing must be in [1, n_banks={self.n_banks}], got {contributing!r}")

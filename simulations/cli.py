@@ -141,7 +141,7 @@ def simulate(
     ] = None,
     entity_buckets: Annotated[int | None, Opt(help="Hash buckets of the entity table.")] = None,
     entity_mechanism: Annotated[
-        str | None, Opt(help="Noise of the entity release: laplace or gaussian.")
+        str | None, Opt(help="Noise of the entity release: discrete-laplace, laplace or gaussian.")
     ] = None,
     num_cpus: Annotated[float, Opt(help="CPUs per simulated bank (Ray).")] = 1.0,
     num_gpus: Annotated[float, Opt(help="GPUs per simulated bank (Ray); >0 uses the GPU.")] = 0.0,

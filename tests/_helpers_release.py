@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.release_noise import GAUSSIAN, LAPLACE, calibrate_release
+from models.release_noise import GAUSSIAN, calibrate_release, is_pure
 
 
 def announced(
@@ -17,7 +17,7 @@ def announced(
     mechanism: str = GAUSSIAN,
     noise_banks: int | None = None,
 ) -> dict[str, Any]:
-    """The release's public fields; Laplace ones also carry the mechanism and its noise split."""
+    """The release's public fields; pure-DP ones also carry the mechanism and its noise split."""
     noise = calibrate_release(epsilon=epsilon, delta=1e-6, mechanism=mechanism)
     release: dict[str, Any] = {
         "id": release_id,
@@ -31,6 +31,6 @@ def announced(
         "epsilon": epsilon,
         "banks": banks,
     }
-    if mechanism == LAPLACE:
-        release |= {"mechanism": LAPLACE, "noise-banks": noise_banks or banks}
+    if is_pure(mechanism):
+        release |= {"mechanism": mechanism, "noise-banks": noise_banks or banks}
     return release

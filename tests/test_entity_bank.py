@@ -12,15 +12,16 @@ from clients.entity import local_table
 from clients.entity_round import EntityReleaseError, release_spec, table_share, with_consortium
 from models.config import load_config
 from models.feature_names import CONSORTIUM_FEATURES
-from models.release_noise import calibrate_release, share_bound
+from models.release_noise import calibrate_release
+from models.release_shares import share_bound
 from server.exact_sum import plan_exact_sum
 from simulations.generate import GeneratorConfig, generate_consortium
 
 
-def _release(frame: pd.DataFrame, *, epsilon: float, banks: int = 3) -> dict:
+def _release(frame: pd.DataFrame, *, epsilon: float, banks: int = 3, mechanism: str = "gaussian") -> dict:
     start = frame["timestamp"].min().normalize()
     days = int((frame["timestamp"].max().normalize() - start).days) + 1
-    noise = calibrate_release(epsilon=epsilon, delta=1e-6)
+    noise = calibrate_release(epsilon=epsilon, delta=1e-6, mechanism=mechanism)
     plan = plan_exact_sum(n_banks=banks, max_value=1_000 + share_bound(noise, n_banks=banks))
     return {
         "id": "r1",
@@ -38,6 +39,7 @@ def _release(frame: pd.DataFrame, *, epsilon: float, banks: int = 3) -> dict:
         "sigma": noise.sigma,
         "sensitivity": noise.sensitivity,
         "layout": "disjoint",
+        "mechanism": mechanism,
     }, plan
 
 
@@ -63,6 +65,18 @@ def test_a_bank_without_frauds_and_with_missing_days_sends_its_exact_table(bank_
     assert expected[1].sum() == 0 and expected[0, 10:20].sum() == 0 and expected[0].sum() == len(frame)
     np.testing.assert_allclose(share * plan.scale, expected.ravel(), atol=1e-9)
     assert np.abs(share).max() <= plan.clipping_range
+
+
+def test_a_discrete_laplace_share_is_whole_counts_within_the_agreed_bound(bank_file):
+    path, frame = bank_file
+    data = load_bank(path, split=load_config({}).split)
+    release, plan = _release(frame, epsilon=1.0, mechanism="discrete-laplace")
+    decoded = table_share(data, json.dumps(release)) * plan.scale
+    spec = release_spec(release)
+    exact = local_table(data.frame, spec, key=bytes.fromhex(release["key"])).ravel()
+    noise = decoded - exact  # the wire's row 0 is "not fraud", which equals the table here (no frauds)
+    np.testing.assert_allclose(noise, np.rint(noise), atol=1e-6)  # integer noise on integer counts
+    assert 0 < np.abs(noise).max() <= 40 and 0.2 < (np.rint(noise) == 0).mean() < 0.9
 
 
 def test_its_consortium_features_are_finite_and_appended(bank_file):

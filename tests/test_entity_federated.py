@@ -72,7 +72,16 @@ def test_secure_sum_is_exact_and_the_server_never_holds_a_bank_table(consortium,
     assert names[-1] == "consortium_fraud_rate_30d" and len(names) == 26
 
 
-@pytest.mark.parametrize("mechanism", ["laplace", "gaussian"])
+# the total noise's std at epsilon 1 and its mean |x| / std: sqrt(2 alpha) / (1 + alpha) with alpha = 1/e for
+# the discrete Laplace, 1/sqrt 2 for the Laplace, sqrt(2 / pi) for the Gaussian
+NOISE_SHAPE = {
+    "discrete-laplace": (np.sqrt(2 / np.e) / (1 - 1 / np.e), np.sqrt(2 / np.e) / (1 + 1 / np.e)),
+    "laplace": (np.sqrt(2.0), 2**-0.5),
+    "gaussian": (4.53, np.sqrt(2 / np.pi)),
+}
+
+
+@pytest.mark.parametrize("mechanism", list(NOISE_SHAPE))
 def test_release_noise_has_the_calibrated_scale(consortium, mechanism):
     data, result = _run(consortium, 1.0, mechanism)
     release = json.loads(result.artifacts["entity_release"])
@@ -80,10 +89,12 @@ def test_release_noise_has_the_calibrated_scale(consortium, mechanism):
     residual = result.artifacts["entity_raw"] - _exact_sum(data, release)
     assert release["sigma"] == pytest.approx(sigma) and release["layout"] == "disjoint"
     assert release["mechanism"] == mechanism and release["noise-banks"] == 4  # 4 banks: 80% rounds up to 4
-    # each wire cell (legitimate, fraud) carried the noise: Laplace(1) (std sqrt 2), or N(0, sigma^2)
-    assert sigma == pytest.approx(np.sqrt(2.0) if mechanism == "laplace" else 4.53, rel=1e-3)
+    # each wire cell (legitimate, fraud) carried the noise of the calibrated distribution
+    expected_sigma, shape = NOISE_SHAPE[mechanism]
+    assert sigma == pytest.approx(expected_sigma, rel=1e-3)
     legit, frauds = (residual[0] - residual[1]).ravel(), residual[1].ravel()
-    shape = 2**-0.5 if mechanism == "laplace" else np.sqrt(2 / np.pi)  # mean |x| / std: 0.707 or 0.798
+    if mechanism == "discrete-laplace":  # integer noise: the published counts are whole numbers
+        assert np.array_equal(residual, np.rint(residual)) and (residual == 0).mean() > 0.2
     for noise in (legit, frauds):  # ~45k cells each: sampling error under 1%
         assert noise.std() == pytest.approx(sigma, rel=0.03)
         assert abs(noise.mean()) < 5 * sigma / np.sqrt(noise.size)

@@ -11,16 +11,14 @@ from clients.release_ledger import confirm_release, entity_epsilon, join_release
 from models.config import ConfigError, load_config
 from models.release_noise import (
     LAPLACE,
-    LAPLACE_TAIL_SCALES,
     LAYOUT_COUNTS,
     LAYOUT_DISJOINT,
     achieved_epsilon,
     calibrate_release,
     composed_epsilon,
     layout_sensitivity,
-    noise_share,
-    share_bound,
 )
+from models.release_shares import TAIL_SCALES, noise_share, share_bound
 from server import entity_release as server_release
 from server.entity_release import EntityReleaseError, check_contributing
 from server.server_app import ServerSettings
@@ -56,7 +54,7 @@ def test_any_min_banks_shares_sum_to_the_laplace_distribution(min_banks):
     gaussian_like = stats.kstest(total, "norm", args=(0.0, noise.sigma))
     assert gaussian_like.pvalue < 1e-6  # the test can tell the two apart at this size
     single = noise_share((40_000,), noise=noise, n_banks=min_banks, rng=rng)
-    assert np.abs(single).max() <= share_bound(noise, n_banks=min_banks) == LAPLACE_TAIL_SCALES * 0.5
+    assert np.abs(single).max() <= share_bound(noise, n_banks=min_banks) == TAIL_SCALES * 0.5
 
 
 def test_more_shares_than_calibrated_only_add_noise():
@@ -120,7 +118,7 @@ def test_config_refuses_bad_mechanism_settings_by_key(overrides, key):
 
 def test_min_banks_defaults_to_80_percent_and_cannot_exceed_the_banks():
     entity = load_config().entity
-    assert entity.entity_mechanism == "laplace"
+    assert entity.entity_mechanism == "discrete-laplace"
     assert [entity.min_banks(n) for n in (3, 4, 10, 1000)] == [3, 4, 8, 800]
     assert load_config({"entity-min-banks": 5}).entity.min_banks(10) == 5
     with pytest.raises(ValueError, match="'entity-min-banks': 12"):

@@ -19,10 +19,9 @@ from models.release_noise import (
     check_table,
     from_wire_layout,
     layout_sensitivity,
-    noise_share,
-    share_bound,
     to_wire_layout,
 )
+from models.release_shares import noise_share, share_bound
 from server.exact_sum import ExactSumPlan, plan_exact_sum
 from server.secagg import SecAggConfigError
 
