@@ -62,7 +62,7 @@ def check_update(weights: Sequence[np.ndarray], reference: Sequence[np.ndarray])
 
 def _model(config: FedFraudConfig, n_features: int, weights: Sequence[np.ndarray]) -> torch.nn.Module:
     """The global model with these weights, on the GPU when this bank (or simulated bank) has one."""
-    model = build_model(config.train.model, n_features, hidden_sizes=config.train.hidden_sizes)
+    model = build_model(config.train.model, n_features, hidden_sizes=config.federated_hidden_sizes)
     set_weights(model, weights)
     return model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 

@@ -90,10 +90,15 @@ class PrivacyConfig:
     central_dp: bool
     central_dp_noise: float
     central_dp_clip: float
+    dp_hidden_sizes: tuple[int, ...] = ()
 
     def learning_rate(self, plain_lr: float) -> float:
         """The local learning rate: DP-SGD's clipped, noised gradients need their own (larger) step."""
         return self.dp_lr if self.dp else plain_lr
+
+    def hidden_sizes(self, plain: tuple[int, ...]) -> tuple[int, ...]:
+        """The federated MLP's hidden layers: smaller under DP-SGD (its noise grows with the weights)."""
+        return (self.dp_hidden_sizes or plain) if self.dp else plain
 
     def epsilon_for(self, bank: int) -> float:
         """The privacy budget of one bank (its override, else the consortium default)."""
@@ -109,6 +114,11 @@ class FedFraudConfig:
     federation: FederationConfig
     privacy: PrivacyConfig
     entity: EntityConfig
+
+    @property
+    def federated_hidden_sizes(self) -> tuple[int, ...]:
+        """Hidden layers of the federated model (`dp-hidden-sizes` under DP-SGD, else `hidden-sizes`)."""
+        return self.privacy.hidden_sizes(self.train.hidden_sizes)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the resolved settings as kebab-case keys (what `config.json` records)."""
@@ -164,7 +174,7 @@ def parse_config(raw: Mapping[str, Any]) -> FedFraudConfig:
             raw,
             "hidden-sizes",
             layer_sizes,
-            lambda v: all(h > 0 for h in v),
+            lambda v: len(v) > 0 and all(h > 0 for h in v),
             "a comma-separated list of positive layer sizes",
         ),
         lr=checked(raw, "lr", float, lambda v: 0 < v < 10, "a learning rate in (0, 10)"),
@@ -237,6 +247,13 @@ def _privacy(raw: Mapping[str, Any]) -> PrivacyConfig:
             raw, "central-dp-noise", float, lambda v: v >= 0, "a non-negative multiplier"
         ),
         central_dp_clip=checked(raw, "central-dp-clip", float, pos, "a positive clipping norm"),
+        dp_hidden_sizes=checked(
+            raw,
+            "dp-hidden-sizes",
+            layer_sizes,
+            lambda v: all(h > 0 for h in v),
+            "empty (as hidden-sizes) or a comma-separated list of positive layer sizes",
+        ),
     )
 
 

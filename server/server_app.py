@@ -122,7 +122,7 @@ def _wrap_central_dp(strategy: Strategy, config: FedFraudConfig, n_per_round: in
 def initial_weights(config: FedFraudConfig, n_features: int, fraud_rate: float) -> list[np.ndarray]:
     """The first global model, its output bias at the (loss-weighted) consortium fraud rate."""
     model = build_model(
-        config.train.model, n_features, hidden_sizes=config.train.hidden_sizes, seed=config.train.seed
+        config.train.model, n_features, hidden_sizes=config.federated_hidden_sizes, seed=config.train.seed
     )
     pos_weight = config.train.pos_weight or (1 - fraud_rate) / fraud_rate  # 'auto' balances the classes
     init_output_bias(model, fraud_rate=fraud_rate, pos_weight=pos_weight)

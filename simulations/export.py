@@ -51,7 +51,7 @@ def build_package(
     if result.weights is None:
         raise ValueError(f"method {name!r} returned no weights")
     spec = FeatureSpec.from_json(json.dumps(result.details["feature_spec"]))
-    kind, hidden = config.train.model, tuple(config.train.hidden_sizes)
+    kind, hidden = config.train.model, config.federated_hidden_sizes
     model = build_model(kind, len(spec.names), hidden_sizes=hidden)
     set_weights(model, result.weights)
     train = data.split.train

@@ -90,7 +90,7 @@ def method_features(data: Prepared, sink: Mapping[str, Any], rows: np.ndarray) -
 def _scores(
     config: FedFraudConfig, weights: list[np.ndarray], spec: FeatureSpec, x: np.ndarray
 ) -> np.ndarray:
-    model = build_model(config.train.model, len(spec.names), hidden_sizes=config.train.hidden_sizes)
+    model = build_model(config.train.model, len(spec.names), hidden_sizes=config.federated_hidden_sizes)
     set_weights(model, weights)
     return predict_scores(model, spec.transform(x))
 

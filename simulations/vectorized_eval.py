@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 def _logits(fed: Any, transform: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
     """The global model's logits of each bank's test rows (float64)."""
-    train = fed.config.train
-    model = build_model(train.model, len(fed.banks[0].feature_names), hidden_sizes=train.hidden_sizes)
+    config = fed.config
+    n_features = len(fed.banks[0].feature_names)
+    model = build_model(config.train.model, n_features, hidden_sizes=config.federated_hidden_sizes)
     set_weights(model, fed.weights_list())
     model = model.to(fed.device).eval()
     sizes = [len(b.y_test) for b in fed.banks]

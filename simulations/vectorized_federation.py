@@ -79,8 +79,8 @@ class Federation:
 
     def setup(self, spec_names: int, initial: list[np.ndarray], transform: Callable[..., np.ndarray]) -> None:
         """Build the model, the chunks of padded, standardized train rows, and the first global weights."""
-        train = self.config.train
-        model = build_model(train.model, spec_names, hidden_sizes=train.hidden_sizes)
+        config = self.config
+        model = build_model(config.train.model, spec_names, hidden_sizes=config.federated_hidden_sizes)
         self.stacked = StackedModel(model, clipping=self.options.clipping)
         self.shapes = [w.shape for w in initial]
         self.weights = np.concatenate([w.ravel() for w in initial]).astype(np.float64)
