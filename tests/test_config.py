@@ -38,6 +38,8 @@ def test_overrides_apply_and_none_is_skipped():
         ("test-fraction", 1.0),
         ("model", "xgboost"),
         ("hidden-sizes", "64,-1"),
+        ("hidden-sizes", ""),
+        ("dp-hidden-sizes", "8,0"),
         ("lr", 0),
         ("batch-size", True),
         ("pos-weight", "often"),
@@ -71,6 +73,13 @@ def test_bank_budgets_and_booleans():
         load_config({"test-start": "2024-13-01"})
 
 
+def test_the_federated_mlp_is_smaller_under_dp_sgd_only():
+    sizes = {"hidden-sizes": "64,64", "dp-hidden-sizes": "8,8"}
+    assert load_config(sizes).federated_hidden_sizes == (8, 8)
+    assert load_config({**sizes, "dp": False}).federated_hidden_sizes == (64, 64)
+    assert load_config({**sizes, "dp-hidden-sizes": ""}).federated_hidden_sizes == (64, 64)  # as hidden-sizes
+
+
 def test_to_dict_round_trips():
-    config = load_config({"hidden-sizes": "32,16"})
+    config = load_config({"hidden-sizes": "32,16", "dp-hidden-sizes": "4"})
     assert parse_config(config.to_dict()) == config

@@ -48,7 +48,11 @@ def test_epsilon_ledgers_equal_the_flower_clients_train_round(consortium, tmp_pa
     result = run_vectorized(data, config)
     rounds = result.details["rounds"]
     spec = FeatureSpec.from_json(json.dumps(result.details["feature_spec"]))
-    weights = get_weights(build_model("mlp", len(spec.names), hidden_sizes=config.train.hidden_sizes))
+    hidden = config.federated_hidden_sizes
+    assert hidden == config.privacy.dp_hidden_sizes != config.train.hidden_sizes  # DP-SGD's smaller MLP
+    shapes = [w.shape for w in result.weights[::2]]  # the weight matrices
+    assert shapes == [(hidden[0], len(spec.names)), (hidden[1], hidden[0]), (1, hidden[1])]
+    weights = get_weights(build_model("mlp", len(spec.names), hidden_sizes=hidden))
     for bank, path in write_bank_files(data, tmp_path).values():  # the Flower path's own client code
         state = None
         for record in rounds:
