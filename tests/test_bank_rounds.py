@@ -52,7 +52,7 @@ def test_check_update_refuses_bad_updates():
 def test_a_dp_round_trains_then_the_bank_declines_once_its_budget_is_spent():
     data = _bank()
     config = load_config({"rounds": 2, "dp": True, "dp-epsilon": 1.0})
-    weights = get_weights(build_model("mlp", 20, seed=0))
+    weights = get_weights(build_model("mlp", 20, hidden_sizes=config.federated_hidden_sizes, seed=0))
     state, eps = None, []
     for _ in range(2):
         out = train_round(data, weights, _spec(data), config, bank=0, state=state)
@@ -68,7 +68,7 @@ def test_a_dp_round_trains_then_the_bank_declines_once_its_budget_is_spent():
 def test_per_bank_budget_override_is_used():
     data = _bank()
     config = load_config({"rounds": 1, "dp": True, "dp-epsilon": 8.0, "dp-bank-epsilon": "4:0.5"})
-    weights = get_weights(build_model("mlp", 20, seed=0))
+    weights = get_weights(build_model("mlp", 20, hidden_sizes=config.federated_hidden_sizes, seed=0))
     low = train_round(data, weights, _spec(data), config, bank=4, state=None)
     high = train_round(data, weights, _spec(data), config, bank=0, state=None)
     assert low.epsilon <= 0.5 + 1e-9 < 1.0 < high.epsilon <= 8.0 + 1e-9
