@@ -1,10 +1,12 @@
-"""An entity release as the server announces it (test_release_ledger.py, test_entity_laplace.py)."""
+"""An entity release as the server announces it, and the server settings of a small one (entity tests)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from models.config import load_config
 from models.release_noise import GAUSSIAN, calibrate_release, is_pure
+from server.server_app import ServerSettings
 
 
 def announced(
@@ -34,3 +36,16 @@ def announced(
     if is_pure(mechanism):
         release |= {"mechanism": mechanism, "noise-banks": noise_banks or banks}
     return release
+
+
+def small_release_settings(**overrides: Any) -> ServerSettings:
+    """Server settings for a release over 4 banks, 5 days and 256 buckets, without SecAgg+."""
+    raw = {"entity-features": "merchant_id", "entity-buckets": 256, "secagg": False, **overrides}
+    return ServerSettings(
+        config=load_config(raw),
+        n_banks=4,
+        feature_names=(),
+        feature_version="",
+        entity_start="2024-01-01",
+        entity_days=5,
+    )

@@ -7,7 +7,6 @@ import pytest
 from scipy import stats
 
 from clients.release_ledger import confirm_release, entity_epsilon, join_release
-from models.config import load_config
 from models.release_noise import (
     DISCRETE_LAPLACE,
     LAPLACE,
@@ -19,8 +18,7 @@ from models.release_noise import (
 )
 from models.release_shares import noise_share, share_bound
 from server import entity_release as server_release
-from server.server_app import ServerSettings
-from tests._helpers_release import announced
+from tests._helpers_release import announced, small_release_settings
 
 DELTA = 1e-6
 
@@ -104,15 +102,7 @@ def test_ledger_composes_discrete_laplace_releases_with_the_others():
 
 def test_the_server_publishes_whole_counts(monkeypatch):
     total = np.arange(2 * 5 * 256, dtype=np.float64) % 7 - 2.0  # an integer sum, noise below zero included
-    config = load_config({"entity-features": "merchant_id", "entity-buckets": 256, "secagg": False})
-    settings = ServerSettings(
-        config=config,
-        n_banks=4,
-        feature_names=(),
-        feature_version="",
-        entity_start="2024-01-01",
-        entity_days=5,
-    )
+    settings = small_release_settings()
     scale = server_release.announce(settings)["scale"]  # fixed by the banks and the encoding range
 
     def fake_round(grid, context, strategy, secagg=None):

@@ -21,8 +21,7 @@ from models.release_noise import (
 from models.release_shares import TAIL_SCALES, noise_share, share_bound
 from server import entity_release as server_release
 from server.entity_release import EntityReleaseError, check_contributing
-from server.server_app import ServerSettings
-from tests._helpers_release import announced
+from tests._helpers_release import announced, small_release_settings
 
 DELTA = 1e-6
 
@@ -135,17 +134,7 @@ def test_a_short_laplace_release_is_decoded_but_never_published(monkeypatch, con
             strategy.sink.update(entity_mean=np.zeros(2 * 5 * 256), entity_mean_results=contributing)
 
     monkeypatch.setattr(server_release, "run_round", fake_round)
-    config = load_config(
-        {"entity-features": "merchant_id", "entity-buckets": 256, "entity-min-banks": 3, "secagg": False}
-    )
-    settings = ServerSettings(
-        config=config,
-        n_banks=4,
-        feature_names=(),
-        feature_version="",
-        entity_start="2024-01-01",
-        entity_days=5,
-    )
+    settings = small_release_settings(**{"entity-min-banks": 3})
     if published:
         server_release.entity_round(None, None, settings)
         assert settings.sink["entity_epsilon"] == 3.0 and rounds == ["entity_mean", "entity_publish"]
