@@ -11,6 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from models.config import FedFraudConfig
+from models.nets import build_model
+
 logger = logging.getLogger(__name__)
 STATE_FILE = "checkpoint.json"
 
@@ -96,3 +99,18 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         tail_total=tail,
         tail_count=int(state.get("tail_count", 0)),
     )
+
+
+def check_resumable(
+    checkpoint: Checkpoint, config: FedFraudConfig, *, n_features: int, directory: Path
+) -> None:
+    """Refuse to resume from weights that do not fit the model this run configures (the keys named)."""
+    model = build_model(config.train.model, n_features, hidden_sizes=config.federated_hidden_sizes)
+    expected = [tuple(p.shape) for p in model.state_dict().values()]
+    found = [tuple(np.shape(w)) for w in checkpoint.weights]
+    if found != expected:
+        raise ValueError(
+            f"{directory / STATE_FILE}: the checkpoint's weights have shapes {found}, the configured model "
+            f"{expected} (config keys 'model', 'hidden-sizes', 'dp-hidden-sizes'); resume with the settings "
+            "it was written with, or move it away to start afresh"
+        )

@@ -31,7 +31,7 @@ from models.federation import CLIPPING_RANGE, MAX_WEIGHT, STATS_CLIP, TASK, TASK
 from models.nets import build_model, get_weights, init_output_bias
 from models.spec import FeatureSpec, FeatureStats
 from server.audit import RunAudit, open_run_audit
-from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server.checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
 from server.entity_release import entity_round
 from server.fast_grid import PromptGrid, prompt_object_pulls
 from server.rounds import run_round
@@ -208,7 +208,10 @@ def run_federation(grid: Grid, context: Context, settings: ServerSettings) -> No
     """Statistics round (unless resuming), then the remaining training rounds."""
     config, fed = settings.config, settings.config.federation
     start = load_checkpoint(settings.checkpoint_dir) if settings.checkpoint_dir else None
-    if start is not None:
+    if start is not None and settings.checkpoint_dir is not None:
+        check_resumable(
+            start, config, n_features=len(settings.feature_names), directory=settings.checkpoint_dir
+        )
         logger.info("resuming after round %d from %s", start.round, settings.checkpoint_dir)
         spec_json, initial = start.spec_json, start.weights
     else:

@@ -11,7 +11,7 @@ from clients.local import UpdateCheckError, check_update, evaluate_round, train_
 from models.config import load_config
 from models.nets import build_model, get_weights
 from models.spec import FeatureSpec, FeatureStats
-from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server.checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
 from server.strategy import check_aggregate
 
 
@@ -118,3 +118,18 @@ def test_checkpoint_round_trip_and_bank_ledger(tmp_path):
     ledger.save({"dp-epsilon-spent": 0.7}, declined=False)
     ledger.save({"dp-epsilon-spent": 0.7}, declined=True)
     assert ledger.load() == {"dp-epsilon-spent": 0.7}
+
+
+def test_a_checkpoint_of_another_model_size_is_refused_before_resuming(tmp_path):
+    config = load_config({"dp": True, "hidden-sizes": "64,64", "dp-hidden-sizes": "8,8"})
+    old = get_weights(build_model("mlp", 20, hidden_sizes=(64, 64), seed=0))  # written before dp-hidden-sizes
+    ckpt = Checkpoint(round=2, weights=old, spec_json="{}", ledger={})
+    with pytest.raises(ValueError, match=r"checkpoint\.json.*'dp-hidden-sizes'"):
+        check_resumable(ckpt, config, n_features=20, directory=tmp_path)
+    same = get_weights(build_model("mlp", 20, hidden_sizes=config.federated_hidden_sizes, seed=0))
+    check_resumable(
+        Checkpoint(round=2, weights=same, spec_json="{}", ledger={}),
+        config,
+        n_features=20,
+        directory=tmp_path,
+    )
