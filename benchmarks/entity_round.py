@@ -30,7 +30,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
 from clients.entity import EntityTableSpec, local_table
 from models.config import load_config
-from models.release_noise import DISCRETE_LAPLACE, MECHANISMS, calibrate_release, is_pure
+from models.release_noise import DISCRETE_LAPLACE, MECHANISMS, calibrate_release
 from models.release_shares import noise_share, share_bound
 from server.entity_release import MAX_CELL_COUNT
 from server.exact_sum import plan_exact_sum
@@ -81,9 +81,7 @@ def measure(banks: int, buckets: int, days: int, rows_per_day: int, *, epsilon: 
     rng = np.random.default_rng(0)
     spec = EntityTableSpec(start="2024-01-01", days=days, buckets=buckets)
     noise = calibrate_release(epsilon=epsilon, delta=1e-6, mechanism=mechanism)
-    split = (
-        load_config({"entity-mechanism": mechanism}).entity.min_banks(banks) if is_pure(mechanism) else banks
-    )
+    split = load_config({"entity-mechanism": mechanism}).entity.noise_banks(banks)
     try:
         plan = plan_exact_sum(n_banks=banks, max_value=MAX_CELL_COUNT + share_bound(noise, n_banks=split))
     except SecAggConfigError as exc:

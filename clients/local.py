@@ -15,7 +15,7 @@ from clients.bank import BankData
 from clients.privacy import PrivacyBudgetExhausted, PrivacyStep, make_privacy_step, steps_per_round
 from models.config import FedFraudConfig
 from models.federation import CLIPPING_RANGE
-from models.nets import build_model, get_weights, set_weights
+from models.nets import federated_model, get_weights, set_weights
 from models.spec import FeatureSpec
 from models.training import (
     evaluate_loss,
@@ -62,7 +62,7 @@ def check_update(weights: Sequence[np.ndarray], reference: Sequence[np.ndarray])
 
 def _model(config: FedFraudConfig, n_features: int, weights: Sequence[np.ndarray]) -> torch.nn.Module:
     """The global model with these weights, on the GPU when this bank (or simulated bank) has one."""
-    model = build_model(config.train.model, n_features, hidden_sizes=config.federated_hidden_sizes)
+    model = federated_model(config, n_features)
     set_weights(model, weights)
     return model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 

@@ -11,6 +11,8 @@ from models.config_values import checked, is_date_or_empty
 
 RELEASE_MECHANISMS = ("discrete-laplace", "laplace", "gaussian")
 """Noise of the entity release: distributed discrete or continuous Laplace (pure epsilon-DP), or Gaussian."""
+PURE_RELEASE_MECHANISMS = ("discrete-laplace", "laplace")
+"""The pure epsilon-DP ones: calibrated for `entity-min-banks` shares and refused below them."""
 DEFAULT_MIN_SHARE = 0.8
 """`entity-min-banks = 0`: pure-DP noise is calibrated for this share of the banks (rounded up)."""
 
@@ -34,6 +36,10 @@ class EntityConfig:
     def enabled(self) -> bool:
         """Whether an entity statistics round runs before training."""
         return bool(self.entity_features)
+
+    def noise_banks(self, n_banks: int) -> int:
+        """How many shares the release's noise is split into: `min_banks` for pure DP, else every bank."""
+        return self.min_banks(n_banks) if self.entity_mechanism in PURE_RELEASE_MECHANISMS else n_banks
 
     def min_banks(self, n_banks: int) -> int:
         """The fewest banks whose pure-DP noise shares must reach the sum (the release is refused below)."""

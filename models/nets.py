@@ -10,10 +10,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from models.config import FedFraudConfig
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,11 @@ def build_model(
         model = MLP(n_features, hidden_sizes) if kind == "mlp" else LogisticRegression(n_features)
     _seeded_init(model, seed)
     return model
+
+
+def federated_model(config: FedFraudConfig, n_features: int, *, seed: int | None = None) -> nn.Module:
+    """The federated model a run configures (`dp-hidden-sizes` under DP-SGD, else `hidden-sizes`)."""
+    return build_model(config.train.model, n_features, hidden_sizes=config.federated_hidden_sizes, seed=seed)
 
 
 def get_weights(model: nn.Module) -> list[np.ndarray]:

@@ -52,7 +52,7 @@ import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from models.config_entity import RELEASE_MECHANISMS
+from models.config_entity import PURE_RELEASE_MECHANISMS, RELEASE_MECHANISMS
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ LAYOUT_COUNTS = "counts"
 GAUSSIAN = "gaussian"
 LAPLACE = "laplace"
 DISCRETE_LAPLACE = "discrete-laplace"
-PURE_MECHANISMS = (DISCRETE_LAPLACE, LAPLACE)
+PURE_MECHANISMS = PURE_RELEASE_MECHANISMS
 """Mechanisms with pure epsilon-DP, calibrated for `entity-min-banks` shares and refused below them."""
 MECHANISMS = RELEASE_MECHANISMS
 

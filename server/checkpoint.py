@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from models.config import FedFraudConfig
-from models.nets import build_model
+from models.nets import federated_model
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "checkpoint.json"
@@ -105,7 +105,7 @@ def check_resumable(
     checkpoint: Checkpoint, config: FedFraudConfig, *, n_features: int, directory: Path
 ) -> None:
     """Refuse to resume from weights that do not fit the model this run configures (the keys named)."""
-    model = build_model(config.train.model, n_features, hidden_sizes=config.federated_hidden_sizes)
+    model = federated_model(config, n_features)
     expected = [tuple(p.shape) for p in model.state_dict().values()]
     found = [tuple(np.shape(w)) for w in checkpoint.weights]
     if found != expected:

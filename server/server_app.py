@@ -28,7 +28,7 @@ from models.averaging import TailAverage, first_averaged_round
 from models.config import FedFraudConfig, parse_config
 from models.feature_names import CONSORTIUM_FEATURES, CONSORTIUM_VERSION, FEATURE_VERSION, LOCAL_FEATURES
 from models.federation import CLIPPING_RANGE, MAX_WEIGHT, STATS_CLIP, TASK, TASK_STATS
-from models.nets import build_model, get_weights, init_output_bias
+from models.nets import federated_model, get_weights, init_output_bias
 from models.spec import FeatureSpec, FeatureStats
 from server.audit import RunAudit, open_run_audit
 from server.checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
@@ -121,9 +121,7 @@ def _wrap_central_dp(strategy: Strategy, config: FedFraudConfig, n_per_round: in
 
 def initial_weights(config: FedFraudConfig, n_features: int, fraud_rate: float) -> list[np.ndarray]:
     """The first global model, its output bias at the (loss-weighted) consortium fraud rate."""
-    model = build_model(
-        config.train.model, n_features, hidden_sizes=config.federated_hidden_sizes, seed=config.train.seed
-    )
+    model = federated_model(config, n_features, seed=config.train.seed)
     pos_weight = config.train.pos_weight or (1 - fraud_rate) / fraud_rate  # 'auto' balances the classes
     init_output_bias(model, fraud_rate=fraud_rate, pos_weight=pos_weight)
     return get_weights(model)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from models.config import FedFraudConfig
-from models.nets import build_model, set_weights
+from models.nets import federated_model, set_weights
 from models.package import EntityTable, ModelPackage, export_package, key_fingerprint
 from models.spec import FeatureSpec
 from models.threshold import DEFAULT_TARGET_FPR, threshold_for_fpr
@@ -52,7 +52,7 @@ def build_package(
         raise ValueError(f"method {name!r} returned no weights")
     spec = FeatureSpec.from_json(json.dumps(result.details["feature_spec"]))
     kind, hidden = config.train.model, config.federated_hidden_sizes
-    model = build_model(kind, len(spec.names), hidden_sizes=hidden)
+    model = federated_model(config, len(spec.names))
     set_weights(model, result.weights)
     train = data.split.train
     scores = predict_scores(model, spec.transform(method_features(data, result.artifacts, train)))

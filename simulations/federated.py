@@ -27,7 +27,7 @@ from clients.entity_round import release_spec
 from models.config import ConfigError, FedFraudConfig
 from models.feature_names import CONSORTIUM_FEATURES, CONSORTIUM_VERSION
 from models.metrics import fraud_metrics
-from models.nets import build_model, set_weights
+from models.nets import federated_model, set_weights
 from models.spec import FeatureSpec
 from models.training import predict_scores
 from server.secagg import choose_secagg
@@ -90,7 +90,7 @@ def method_features(data: Prepared, sink: Mapping[str, Any], rows: np.ndarray) -
 def _scores(
     config: FedFraudConfig, weights: list[np.ndarray], spec: FeatureSpec, x: np.ndarray
 ) -> np.ndarray:
-    model = build_model(config.train.model, len(spec.names), hidden_sizes=config.federated_hidden_sizes)
+    model = federated_model(config, len(spec.names))
     set_weights(model, weights)
     return predict_scores(model, spec.transform(x))
 

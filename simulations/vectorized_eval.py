@@ -16,16 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from models.nets import build_model, set_weights
+from models.nets import federated_model, set_weights
 
 logger = logging.getLogger(__name__)
 
 
 def _logits(fed: Any, transform: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
     """The global model's logits of each bank's test rows (float64)."""
-    config = fed.config
-    n_features = len(fed.banks[0].feature_names)
-    model = build_model(config.train.model, n_features, hidden_sizes=config.federated_hidden_sizes)
+    model = federated_model(fed.config, len(fed.banks[0].feature_names))
     set_weights(model, fed.weights_list())
     model = model.to(fed.device).eval()
     sizes = [len(b.y_test) for b in fed.banks]

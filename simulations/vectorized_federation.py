@@ -22,7 +22,7 @@ from clients.bank import BankData
 from clients.local import round_privacy_step
 from clients.privacy_opacus import entropy_generator
 from models.config import FedFraudConfig
-from models.nets import build_model
+from models.nets import federated_model
 from models.training import pos_weight_for
 from simulations.vectorized_dp import (
     LocalPlan,
@@ -79,8 +79,7 @@ class Federation:
 
     def setup(self, spec_names: int, initial: list[np.ndarray], transform: Callable[..., np.ndarray]) -> None:
         """Build the model, the chunks of padded, standardized train rows, and the first global weights."""
-        config = self.config
-        model = build_model(config.train.model, spec_names, hidden_sizes=config.federated_hidden_sizes)
+        model = federated_model(self.config, spec_names)
         self.stacked = StackedModel(model, clipping=self.options.clipping)
         self.shapes = [w.shape for w in initial]
         self.weights = np.concatenate([w.ravel() for w in initial]).astype(np.float64)
