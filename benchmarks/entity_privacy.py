@@ -13,11 +13,17 @@ metrics.json, or measured here with `--measure-pooled`).
 `--one-bank` puts every row in one bank: record-level DP-SGD over the pooled rows, with pooled merchant
 features, is the reference that a record-DP federation cannot beat at the same epsilon (it would be reached
 by noise split among the banks under SecAgg+ with all rows in every step).
+
+`--paired` seeds every random draw of a run from its seed (DP-SGD noise and Poisson sampling, the entity
+key, the release's noise shares), so that two variants of the same seed see the same draws and their
+difference is measured with far less spread: run the benchmark once per variant with `--paired` and compare
+seed by seed. For research comparisons only: the library itself always draws its noise from OS entropy.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import statistics
 import sys
@@ -27,7 +33,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
+import torch
+
+from clients import entity_round
 from models.config import load_config
+from models.release_shares import noise_share
+from simulations import vectorized_federation
 from simulations.baselines import central_pooled
 from simulations.dataset import DataSource, prepare
 from simulations.results import method_metrics, predictions_frame
@@ -41,8 +53,25 @@ CELLS: dict[str, dict[str, Any]] = {
 }
 
 
-def average_precision(data: Any, overrides: dict[str, Any]) -> float:
-    """Global AP of federated_entity trained with these config overrides."""
+def seed_the_noise(seed: int) -> dict[str, Any]:
+    """Seed the run's DP-SGD noise, sampling and release shares (`--paired`); return the entity key to use."""
+    release = np.random.default_rng([seed, 1])
+
+    def seeded(device: torch.device | str = "cpu") -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def share(*args: Any, **kwargs: Any) -> np.ndarray:
+        return noise_share(*args, **{**kwargs, "rng": release})
+
+    vectorized_federation.entropy_generator = seeded
+    entity_round.noise_share = share
+    return {"entity-key": hashlib.sha256(f"paired-{seed}".encode()).hexdigest()}
+
+
+def average_precision(data: Any, overrides: dict[str, Any], *, paired: bool = False) -> float:
+    """Global AP of federated_entity trained with these config overrides (`paired`: seeded noise)."""
+    if paired:
+        overrides = {**overrides, **seed_the_noise(int(overrides["seed"]))}
     config = load_config(overrides)
     result = run_vectorized(data, config, options=VectorizedOptions())
     return float(method_metrics(predictions_frame(data, result.scores))["global"]["ap"])
@@ -66,6 +95,7 @@ def main() -> None:
     parser.add_argument("--pooled", type=float, default=None, help="central pooled AP to compare with")
     parser.add_argument("--measure-pooled", action="store_true", help="train central pooled here per seed")
     parser.add_argument("--one-bank", action="store_true", help="all rows in one bank: central DP-SGD")
+    parser.add_argument("--paired", action="store_true", help="seed all noise from the seed (comparisons)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # the per-bank "no DP" notes of the noise-free cells
     warnings.filterwarnings("ignore")  # Opacus' "optimal order" notes at large epsilons
@@ -84,7 +114,8 @@ def main() -> None:
         if args.measure_pooled:
             pooled.append(pooled_ap(data, {**base, "seed": seed}))
         for name, values in results.items():
-            values.append(average_precision(data, {**base, **CELLS[name], "seed": seed}))
+            cell = {**base, **CELLS[name], "seed": seed}
+            values.append(average_precision(data, cell, paired=args.paired))
             print(f"seed {seed} {name:12s} AP {values[-1]:.4f}", flush=True)
     reference = statistics.mean(pooled) if pooled else args.pooled
     print(f"\nfederated_entity, record eps {args.dp_epsilon:g}, entity eps {args.entity_epsilon:g}, {extra}")
