@@ -100,6 +100,11 @@ def check_contributing(release: dict[str, Any], contributing: int) -> None:
         )
 
 
+def publishes_whole_counts(release: dict[str, Any]) -> bool:
+    """Whether the decoded sum is rounded to whole counts: no noise, or integer (discrete Laplace) noise."""
+    return math.isinf(release["epsilon"]) or release["mechanism"] == DISCRETE_LAPLACE
+
+
 def entity_round(grid: Grid, context: Context, settings: Any) -> None:
     """Securely sum the banks' noised tables, decode and post-process them, publish the table to the banks."""
     release = announce(settings)
@@ -130,8 +135,9 @@ def entity_round(grid: Grid, context: Context, settings: Any) -> None:
             entity_version="",
         )
         raise
-    integers = math.isinf(release["epsilon"]) or release["mechanism"] == DISCRETE_LAPLACE  # whole counts
-    total = plan.decode(settings.sink["entity_mean"], contributing=contributing, integers=integers)
+    total = plan.decode(
+        settings.sink["entity_mean"], contributing=contributing, integers=publishes_whole_counts(release)
+    )
     shape = (2, int(release["days"]), int(release["buckets"]))
     total = from_wire_layout(total.reshape(shape), release["layout"])
     table = check_table(total)

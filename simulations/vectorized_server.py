@@ -26,7 +26,7 @@ from models.config import FedFraudConfig
 from models.federation import CLIPPING_RANGE, STATS_CLIP
 from models.release_noise import achieved_epsilon, check_table, from_wire_layout
 from models.spec import FeatureSpec, FeatureStats
-from server.entity_release import announce, check_contributing, table_version
+from server.entity_release import announce, check_contributing, publishes_whole_counts, table_version
 from server.secagg import SecAggParams, choose_secagg
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def entity_release(banks: list[BankData], settings: Any, sink: dict[str, Any]) -
     for bank in banks:  # one bank at a time: a table is days x buckets x 2 cells
         summer.add(torch.from_numpy(table_share(bank, public)).unsqueeze(0), torch.ones(1))
     check_contributing(release, summer.results)
-    total = plan.decode(summer.mean(), contributing=summer.results, integers=math.isinf(release["epsilon"]))
+    total = plan.decode(summer.mean(), contributing=summer.results, integers=publishes_whole_counts(release))
     shape = (2, int(release["days"]), int(release["buckets"]))
     total = from_wire_layout(total.reshape(shape), release["layout"])
     table = check_table(total)

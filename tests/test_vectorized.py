@@ -93,6 +93,16 @@ def test_entity_features_and_secagg_run_on_the_vectorized_engine(consortium):
     assert np.isfinite(result.scores).all()
 
 
+def test_the_vectorized_engine_publishes_whole_counts_as_the_server_does(consortium):
+    data, config = _prepared(
+        consortium, **{"rounds": 1, "entity-features": "merchant_id", "entity-buckets": 1024, "dp": False}
+    )
+    assert config.entity.entity_mechanism == "discrete-laplace"
+    table = run_vectorized(data, config).artifacts["entity_raw"]
+    np.testing.assert_array_equal(table, np.round(table))
+    assert (table < 0).any()  # noise included: some noisy counts fall below zero before post-processing
+
+
 def test_cli_dispatches_the_vectorized_engine_and_refuses_checkpoints(tmp_path):
     methods = _methods("vectorized", EngineOptions(), lambda _: None, entity=True)
     assert {"federated", "federated_entity"} <= methods.keys()
