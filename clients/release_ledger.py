@@ -46,7 +46,7 @@ class ReleaseEntry:
     version: str | None = None
     mechanism: str = GAUSSIAN
     noise_banks: int | None = None
-    """Pure mechanisms: the fewest contributing banks its noise is calibrated for (None: all `banks`)."""
+    """The fewest contributing banks its noise is calibrated for (None: all `banks`)."""
 
     @classmethod
     def announced(cls, release: dict[str, Any]) -> ReleaseEntry:
@@ -75,9 +75,10 @@ class ReleaseEntry:
 
     def effective_multiplier(self) -> float:
         """The noise multiplier the release really had: fewer contributing banks added less noise."""
-        if self.contributing is None:
-            return self.noise_multiplier
-        return self.noise_multiplier * math.sqrt(self.contributing / self.banks)
+        calibrated = self.noise_banks or self.banks
+        if self.contributing is None or self.contributing >= calibrated:
+            return self.noise_multiplier  # extra shares only add noise: the target stays the bound
+        return self.noise_multiplier * math.sqrt(self.contributing / calibrated)
 
     def day_range(self) -> tuple[int, int]:
         """Covered days as [first, last) in days since the epoch."""

@@ -12,9 +12,9 @@ from models.config_values import checked, is_date_or_empty
 RELEASE_MECHANISMS = ("discrete-laplace", "laplace", "gaussian")
 """Noise of the entity release: distributed discrete or continuous Laplace (pure epsilon-DP), or Gaussian."""
 PURE_RELEASE_MECHANISMS = ("discrete-laplace", "laplace")
-"""The pure epsilon-DP ones: calibrated for `entity-min-banks` shares and refused below them."""
+"""The pure epsilon-DP ones (their epsilons add; the Gaussian composes by RDP)."""
 DEFAULT_MIN_SHARE = 0.8
-"""`entity-min-banks = 0`: pure-DP noise is calibrated for this share of the banks (rounded up)."""
+"""`entity-min-banks = 0`: the release's noise is calibrated for this share of the banks (rounded up)."""
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,11 @@ class EntityConfig:
         return bool(self.entity_features)
 
     def noise_banks(self, n_banks: int) -> int:
-        """How many shares the release's noise is split into: `min_banks` for pure DP, else every bank."""
-        return self.min_banks(n_banks) if self.entity_mechanism in PURE_RELEASE_MECHANISMS else n_banks
+        """How many shares the release's noise is split into: `min_banks`, whatever the mechanism."""
+        return self.min_banks(n_banks)
 
     def min_banks(self, n_banks: int) -> int:
-        """The fewest banks whose pure-DP noise shares must reach the sum (the release is refused below)."""
+        """The fewest banks whose noise shares must reach the sum (the release is refused below)."""
         chosen = self.entity_min_banks or math.ceil(DEFAULT_MIN_SHARE * n_banks)
         if not 1 <= chosen <= n_banks:
             raise ValueError(

@@ -27,7 +27,6 @@ from models.release_noise import (
     calibrate_release,
     check_table,
     from_wire_layout,
-    is_pure,
     layout_sensitivity,
 )
 from models.release_shares import share_bound
@@ -91,12 +90,12 @@ def announce(settings: Any) -> dict[str, Any]:
 
 
 def check_contributing(release: dict[str, Any], contributing: int) -> None:
-    """Refuse to publish a pure-DP release that fewer banks than its noise was calibrated for reached."""
-    if is_pure(release["mechanism"]) and contributing < int(release["noise-banks"]):
+    """Refuse to publish a release that fewer banks than its noise was calibrated for reached."""
+    if contributing < int(release["noise-banks"]):
         raise EntityReleaseError(
             f"the entity release reached {contributing} banks' noise shares, fewer than the "
             f"{release['noise-banks']} its {release['mechanism']} noise is calibrated for "
-            "(config key 'entity-min-banks'): no epsilon holds, the table is not published"
+            "(config key 'entity-min-banks'): its epsilon would exceed the target, the table is not published"
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.config import load_config
-from models.release_noise import GAUSSIAN, calibrate_release, is_pure
+from models.release_noise import GAUSSIAN, calibrate_release
 from server.server_app import ServerSettings
 
 
@@ -19,7 +19,7 @@ def announced(
     mechanism: str = GAUSSIAN,
     noise_banks: int | None = None,
 ) -> dict[str, Any]:
-    """The release's public fields; pure-DP ones also carry the mechanism and its noise split."""
+    """The release's public fields, with its mechanism and noise split as the server announces them."""
     noise = calibrate_release(epsilon=epsilon, delta=1e-6, mechanism=mechanism)
     release: dict[str, Any] = {
         "id": release_id,
@@ -32,9 +32,9 @@ def announced(
         "delta": 1e-6,
         "epsilon": epsilon,
         "banks": banks,
+        "mechanism": mechanism,
+        "noise-banks": noise_banks or banks,
     }
-    if is_pure(mechanism):
-        release |= {"mechanism": mechanism, "noise-banks": noise_banks or banks}
     return release
 
 

@@ -95,7 +95,10 @@ def test_server_refuses_to_publish_below_the_calibrated_banks_and_banks_check_th
     check_contributing(release, 8)
     with pytest.raises(EntityReleaseError, match="entity-min-banks"):
         check_contributing(release, 7)
-    check_contributing({**release, "mechanism": "gaussian"}, 2)  # the Gaussian reports a larger epsilon
+    for mechanism in ("gaussian", "discrete-laplace"):  # every mechanism: too little noise is not published
+        check_contributing({**release, "mechanism": mechanism}, 9)  # more shares only add noise
+        with pytest.raises(EntityReleaseError, match=f"its {mechanism} noise is calibrated for"):
+            check_contributing({**release, "mechanism": mechanism}, 7)
     assert entity_round.noise_banks(release) == 8
     assert entity_round.noise_banks({k: v for k, v in release.items() if k != "noise-banks"}) == 10
     with pytest.raises(entity_round.EntityReleaseError, match="noise split 11 ways"):
@@ -121,7 +124,7 @@ def test_min_banks_defaults_to_80_percent_and_cannot_exceed_the_banks():
     assert [entity.min_banks(n) for n in (3, 4, 10, 1000)] == [3, 4, 8, 800]
     assert entity.noise_banks(10) == 8
     assert load_config({"entity-mechanism": "laplace"}).entity.noise_banks(10) == 8
-    assert load_config({"entity-mechanism": "gaussian"}).entity.noise_banks(10) == 10  # split over every bank
+    assert load_config({"entity-mechanism": "gaussian"}).entity.noise_banks(10) == 8  # as the pure ones
     assert load_config({"entity-min-banks": 5}).entity.min_banks(10) == 5
     with pytest.raises(ValueError, match="'entity-min-banks': 12"):
         load_config({"entity-min-banks": 12}).entity.min_banks(10)

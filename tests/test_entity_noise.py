@@ -97,6 +97,7 @@ def test_published_table_is_not_clipped_cell_by_cell():
 def test_achieved_epsilon_grows_when_banks_drop_out():
     noise = calibrate_release(epsilon=3.0, delta=DELTA)
     assert achieved_epsilon(noise, contributing=10, n_banks=10) == 3.0
+    assert achieved_epsilon(noise, contributing=10, n_banks=8) == 3.0  # more shares only add noise
     eps = [achieved_epsilon(noise, contributing=k, n_banks=10) for k in (9, 5, 1)]
     assert 3.0 < eps[0] < eps[1] < eps[2]
     assert (

@@ -56,6 +56,16 @@ def test_dropouts_raise_the_achieved_epsilon():
     assert full[0].achieved == pytest.approx(3.0, abs=0.02)
 
 
+def test_a_gaussian_release_calibrated_for_fewer_banks_keeps_its_target_when_more_send():
+    entries = join_release([], _release("a", banks=10, noise_banks=8), budget=math.inf)
+    assert entries[0].noise_banks == 8
+    for contributing in (8, 10):  # the calibrated shares give the target; extra ones are not credited
+        confirmed = confirm_release(entries, release_id="a", contributing=contributing, version="v")
+        assert confirmed[0].achieved == pytest.approx(3.0, abs=0.02)
+    fewer = confirm_release(entries, release_id="a", contributing=7, version="v")
+    assert fewer[0].achieved > 3.1  # (the server refuses to publish this one)
+
+
 def test_a_release_without_noise_has_infinite_epsilon():
     entries = join_release([], _release("a", epsilon=math.inf), budget=math.inf)
     assert math.isinf(entity_epsilon(entries, delta=1e-6))
