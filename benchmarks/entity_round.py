@@ -81,7 +81,7 @@ def measure(banks: int, buckets: int, days: int, rows_per_day: int, *, epsilon: 
     rng = np.random.default_rng(0)
     spec = EntityTableSpec(start="2024-01-01", days=days, buckets=buckets)
     noise = calibrate_release(epsilon=epsilon, delta=1e-6, mechanism=mechanism)
-    split = load_config({"entity-mechanism": mechanism}).entity.noise_banks(banks)
+    split = load_config({"entity-mechanism": mechanism}).entity.min_banks(banks)
     try:
         plan = plan_exact_sum(n_banks=banks, max_value=MAX_CELL_COUNT + share_bound(noise, n_banks=split))
     except SecAggConfigError as exc:

@@ -37,12 +37,8 @@ class EntityConfig:
         """Whether an entity statistics round runs before training."""
         return bool(self.entity_features)
 
-    def noise_banks(self, n_banks: int) -> int:
-        """How many shares the release's noise is split into: `min_banks`, whatever the mechanism."""
-        return self.min_banks(n_banks)
-
     def min_banks(self, n_banks: int) -> int:
-        """The fewest banks whose noise shares must reach the sum (the release is refused below)."""
+        """The shares the release's noise is split into: fewer banks' shares and the table is refused."""
         chosen = self.entity_min_banks or math.ceil(DEFAULT_MIN_SHARE * n_banks)
         if not 1 <= chosen <= n_banks:
             raise ValueError(

@@ -64,7 +64,7 @@ def announce(settings: Any) -> dict[str, Any]:
     noise = calibrate_release(
         epsilon=cfg.entity_epsilon, delta=cfg.entity_delta, sensitivity=sensitivity, mechanism=mechanism
     )
-    noise_banks = cfg.noise_banks(n)
+    noise_banks = cfg.min_banks(n)
     plan = plan_exact_sum(n_banks=n, max_value=MAX_CELL_COUNT + share_bound(noise, n_banks=noise_banks))
     return {
         "id": secrets.token_hex(8),

@@ -122,9 +122,10 @@ def test_min_banks_defaults_to_80_percent_and_cannot_exceed_the_banks():
     entity = load_config().entity
     assert entity.entity_mechanism == "discrete-laplace"
     assert [entity.min_banks(n) for n in (3, 4, 10, 1000)] == [3, 4, 8, 800]
-    assert entity.noise_banks(10) == 8
-    assert load_config({"entity-mechanism": "laplace"}).entity.noise_banks(10) == 8
-    assert load_config({"entity-mechanism": "gaussian"}).entity.noise_banks(10) == 8  # as the pure ones
+    for mechanism in ("laplace", "gaussian"):  # every mechanism's noise is split the same way
+        settings = small_release_settings(**{"entity-mechanism": mechanism})
+        assert server_release.announce(settings)["noise-banks"] == entity.min_banks(4) == 4
+    assert load_config({"entity-mechanism": "gaussian"}).entity.min_banks(10) == 8
     assert load_config({"entity-min-banks": 5}).entity.min_banks(10) == 5
     with pytest.raises(ValueError, match="'entity-min-banks': 12"):
         load_config({"entity-min-banks": 12}).entity.min_banks(10)
